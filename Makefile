@@ -1,0 +1,50 @@
+# The single task entry point. On a fresh clone:
+#   make demo   set up .venv, start the local mesh, place a demo order
+#   make test   run the whole test suite (what .ci/run runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+STATE ?= .state
+
+.PHONY: setup demo up down status test unit protos system-deps clean
+
+setup: $(STAMP)
+
+# Host tools the local runner needs (network namespaces, a bridge, a rule for
+# Docker's FORWARD policy). Installed from Debian's packages when missing.
+system-deps:
+	@scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup system-deps
+	$(BIN)/shopmesh up -d --state-dir $(STATE)
+	$(BIN)/shopmesh demo --state-dir $(STATE)
+	@echo
+	@echo "The mesh keeps running: '$(BIN)/shopmesh status --state-dir $(STATE)', and '$(BIN)/shopmesh down --state-dir $(STATE)' to stop it."
+
+up: setup system-deps
+	$(BIN)/shopmesh up -d --state-dir $(STATE)
+
+down: setup
+	$(BIN)/shopmesh down --state-dir $(STATE)
+
+status: setup
+	$(BIN)/shopmesh status --state-dir $(STATE)
+
+test: setup system-deps
+	$(BIN)/python -m pytest
+
+unit: setup
+	$(BIN)/python -m pytest -m "not mesh"
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) $(STATE) *.egg-info

@@ -1,0 +1,1 @@
+"""ShopMesh: a reference zero-trust service mesh (shared plumbing, CLI, local runner)."""
