@@ -291,11 +291,8 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
         addresses[pod.name], addresses, sds_socket=sds_socket, ttl_s=record.ttl_s,
         external_port=external_port,
     ))
-    token = join_tokens.create_join_token(state_dir, pod.spiffe_id)
     token_file = pod_dir / "join-token"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    join_tokens.write_token_file(token_file, join_tokens.create_join_token(state_dir, pod.spiffe_id))
 
     if pod.app_port is not None:
         workload = topology.WORKLOADS[pod.name]
@@ -478,3 +475,42 @@ def down(state_dir: Path) -> None:
         record = MeshRecord.load(state_dir.resolve())
     teardown(record)
     (state_dir / "mesh.json").unlink(missing_ok=True)
+
+
+# -- poking at a running mesh ---------------------------------------------------
+
+
+def envoy_admin(record: MeshRecord, pod: str, path: str, timeout_s: float = 5.0) -> str:
+    """GET `path` from a workload's Envoy admin, which listens on the pod's own
+    127.0.0.1: run the request inside the pod's network namespace."""
+    port = record.pods[pod].admin_port
+    code = (
+        "import sys, urllib.request;"
+        f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}' + sys.argv[1], timeout={timeout_s}).read().decode())"
+    )
+    proc = subprocess.run(
+        [*record.exec_prefix(pod), _python(), "-c", code, path],
+        capture_output=True, text=True, timeout=timeout_s + 10,
+    )
+    if proc.returncode != 0:
+        raise RunnerError(f"Envoy admin of {pod} ({path}): {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout
+
+
+def envoy_stats(record: MeshRecord, pod: str) -> dict[str, int]:
+    """A workload's Envoy counters and gauges as a dict."""
+    stats = {}
+    for line in envoy_admin(record, pod, "/stats").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            stats[name] = int(value)
+    return stats
+
+
+def request_rotation(record: MeshRecord, pod: str) -> None:
+    """Ask a workload's agent to renew its SVID now (SIGHUP)."""
+    pid = record.pods[pod].agent_pid
+    if not _alive(pid):
+        raise RunnerError(f"the {pod} agent is not running")
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)

@@ -1,0 +1,253 @@
+"""`shopmesh`: run the local mesh, place a demo order, inspect workloads.
+
+    shopmesh up [-d] [--ttl 10m] [--state-dir .state]   start the mesh
+    shopmesh down                                         stop it
+    shopmesh demo [--json] [--card NUMBER]                tokenize a card, place an order
+    shopmesh status [--json]                              identities, serials, expiry, readiness
+    shopmesh rotate WORKLOAD                              force a certificate rotation now
+    shopmesh envoy WORKLOAD [PATH]                        read a sidecar's Envoy admin (e.g. /stats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pki.durations import parse_duration
+from pki.errors import DurationError
+from shopmesh import runner, topology
+from shopmesh.orders.v1 import orders_pb2, orders_pb2_grpc
+from shopmesh.payments.v1 import payments_pb2, payments_pb2_grpc
+from shopmesh.search.v1 import search_pb2, search_pb2_grpc
+
+DEFAULT_STATE_DIR = Path(os.environ.get("SHOPMESH_STATE_DIR", ".state"))
+DEFAULT_TTL = "10m"
+DEMO_CARD = "4242 4242 4242 4242"  # the classic test Visa; any Luhn-valid test card works
+RPC_TIMEOUT_S = 10.0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).resolve()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        ttl_s = parse_duration(args.ttl).total_seconds()
+    except DurationError as exc:
+        print(f"shopmesh up: --ttl: {exc}", file=sys.stderr)
+        return 2
+    state_dir = _state_dir(args)
+    print(f"starting the mesh (state in {state_dir}, certificate TTL {args.ttl}) …", flush=True)
+    record = runner.up(state_dir, ttl_s, ingress_port=args.ingress_port, network=args.network)
+    _print_status(runner.workload_status(record))
+    print(f"\ningress: {record.external} (gRPC, plaintext on loopback); logs: {state_dir / 'logs'}")
+    if args.detach:
+        return 0
+    # Foreground: stay until Ctrl-C or `shopmesh down`, then tear everything down.
+    record.runner_pid = os.getpid()
+    record.save()
+    stop = {"now": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("running; Ctrl-C stops the mesh", flush=True)
+    while not stop["now"]:
+        signal.pause()
+    print("stopping …", flush=True)
+    runner.teardown(runner.MeshRecord.load(state_dir))
+    (state_dir / "mesh.json").unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    runner.down(_state_dir(args))
+    print("mesh stopped")
+    return 0
+
+
+def _print_status(entries: list[dict[str, Any]]) -> None:
+    header = ("NAME", "SPIFFE ID", "SERIAL", "EXPIRES IN", "ADDRESS", "READY")
+    rows = []
+    for e in entries:
+        expires = "-" if e["expires_in_s"] is None else f"{e['expires_in_s']:.0f}s"
+        address = e["inbound"] or f"{e.get('external')} (external)"
+        serial = (e["serial"] or "-")[:16]
+        rows.append((e["name"], e["spiffe_id"], serial, expires, address, "yes" if e["ready"] else "NO"))
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for e in entries:
+        if e.get("last_error"):
+            print(f"{e['name']}: {e['last_error']}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    entries = runner.workload_status(record)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        _print_status(entries)
+    return 0 if all(e["ready"] for e in entries) else 1
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    pod = record.pods.get(args.workload)
+    if pod is None:
+        print(f"shopmesh rotate: unknown workload '{args.workload}' (known: {', '.join(record.pods)})", file=sys.stderr)
+        return 2
+    before = runner.workload_status(record)
+    old = next(e["serial"] for e in before if e["name"] == args.workload)
+    runner.request_rotation(record, args.workload)
+
+    def rotated() -> bool:
+        now = next(e for e in runner.workload_status(record) if e["name"] == args.workload)
+        return bool(now["serial"]) and now["serial"] != old
+
+    runner.wait_for(rotated, 30, f"{args.workload} to serve a new certificate")
+    new = next(e["serial"] for e in runner.workload_status(record) if e["name"] == args.workload)
+    print(f"{args.workload}: serial {old} -> {new}")
+    return 0
+
+
+def cmd_envoy(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    if args.workload not in record.pods:
+        print(f"shopmesh envoy: unknown workload '{args.workload}'", file=sys.stderr)
+        return 2
+    sys.stdout.write(runner.envoy_admin(record, args.workload, args.path))
+    return 0
+
+
+def _card_label(order: orders_pb2.Order) -> str:
+    return order.card or "-"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    # A W3C trace context for the whole demo: every hop carries it, so the
+    # order's spans (from a later OpenTelemetry setup) share this trace id.
+    trace_id = secrets.token_hex(16)
+    metadata = (("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"),)
+    with grpc.insecure_channel(record.external) as channel:
+        payments = payments_pb2_grpc.PaymentsStub(channel)
+        search = search_pb2_grpc.SearchStub(channel)
+        orders = orders_pb2_grpc.OrdersStub(channel)
+        try:
+            year = datetime.now(timezone.utc).year + 3
+            card = payments.Tokenize(
+                payments_pb2.TokenizeRequest(card_number=args.card, exp_month=12, exp_year=year, cvv="123"),
+                timeout=RPC_TIMEOUT_S, metadata=metadata,
+            )
+            found = search.SearchProducts(
+                search_pb2.SearchProductsRequest(query=args.query, page_size=2),
+                timeout=RPC_TIMEOUT_S, metadata=metadata,
+            )
+            if not found.products:
+                print(f"shopmesh demo: no product matches '{args.query}'", file=sys.stderr)
+                return 1
+            items = [orders_pb2.LineItem(product_id=p.id, quantity=i + 1) for i, p in enumerate(found.products)]
+            order = orders.PlaceOrder(
+                orders_pb2.PlaceOrderRequest(items=items, payment_token=card.token, idempotency_key=str(uuid.uuid4())),
+                timeout=RPC_TIMEOUT_S, metadata=metadata,
+            )
+        except grpc.RpcError as exc:
+            print(f"shopmesh demo: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    state = orders_pb2.OrderState.Name(order.state).removeprefix("ORDER_STATE_").lower()
+    result = {
+        "order_id": order.order_id,
+        "state": state,
+        "card": _card_label(order),
+        "trace_id": trace_id,
+        "total_minor": order.total_minor,
+        "currency": order.currency,
+        "items": [{"product_id": i.product_id, "name": i.name, "quantity": i.quantity} for i in order.items],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"order    {result['order_id']}")
+        print(f"state    {state}")
+        for item in result["items"]:
+            print(f"item     {item['quantity']} × {item['name']} ({item['product_id']})")
+        print(f"total    {order.total_minor / 100:.2f} {order.currency}")
+        print(f"card     {result['card']}")
+        print(f"trace    {trace_id}")
+    return 0 if state == "paid" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shopmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runner does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help="where keys, databases, logs live (default: %(default)s; env SHOPMESH_STATE_DIR)")
+        return p
+
+    p = add("up", "start the local mesh and wait until every workload is ready")
+    p.add_argument("-d", "--detach", action="store_true", help="return once healthy, leave the mesh running")
+    p.add_argument("--ttl", default=DEFAULT_TTL, help="certificate lifetime, e.g. 10s, 5m (default: %(default)s)")
+    p.add_argument("--ingress-port", type=int, default=topology.INGRESS_PORT, help="client-facing port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto",
+                   help="pod isolation: a network namespace per pod (needs root) or shared loopback (default: auto)")
+    p.set_defaults(func=cmd_up)
+
+    add("down", "stop the mesh").set_defaults(func=cmd_down)
+
+    p = add("demo", "tokenize a test card and place an order through the ingress")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--card", default=DEMO_CARD, help="test card number (default: a test Visa)")
+    p.add_argument("--query", default="coffee", help="what to search for and buy (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = add("status", "each workload's identity, certificate and readiness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = add("rotate", "force a certificate rotation now and wait for the new serial")
+    p.add_argument("workload", choices=list(topology.WORKLOADS))
+    p.set_defaults(func=cmd_rotate)
+
+    p = add("envoy", "GET a path from a workload's Envoy admin (inside its pod)")
+    p.add_argument("workload", choices=list(topology.WORKLOADS))
+    p.add_argument("path", nargs="?", default="/stats", help="admin path (default: %(default)s)")
+    p.set_defaults(func=cmd_envoy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except runner.RunnerError as exc:
+        print(f"shopmesh {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
