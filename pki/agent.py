@@ -1,0 +1,496 @@
+"""The per-pod agent: obtains and rotates the workload's SVID, serves it to Envoy over SDS, runs Envoy.
+
+    python -m pki.agent --spiffe-id spiffe://shopmesh.internal/ns/shop/sa/orders \\
+        --ca-join 127.0.0.1:8440 --ca-renew 127.0.0.1:8441 \\
+        --join-token-file POD/join-token --bundle-file STATE/ca/root.pem \\
+        --data-dir POD/agent --sds-socket POD/sds.sock --status-file POD/status.json \\
+        [--envoy-config POD/envoy.yaml --envoy-bin .venv/bin/envoy \\
+         --envoy-admin 127.0.0.1:9901 --envoy-log POD/envoy.log] [--app-health 127.0.0.1:50051]
+
+Life of an SVID:
+- Bootstrap: a fresh EC P-256 key and CSR, Join with the one-time token from
+  --join-token-file (deleted after it worked). Key and chain are kept in
+  --data-dir (0600), so a restarted agent resumes with mTLS renewal and needs
+  no new token while its certificate is valid.
+- Rotation: at half the certificate's *remaining* lifetime, read from its own
+  notAfter (a CA may ignore the requested TTL; ACM PCA and moto do), ±10 %
+  jitter so a fleet does not renew in lock-step. Every rotation uses a new key.
+  On failure: capped exponential back-off with jitter, while the current SVID
+  keeps being served.
+- SIGHUP forces a rotation now (`shopmesh rotate` sends it to the "pid" in
+  the status file).
+- Expired and no token: the agent keeps trying (renewal, or Join as soon as a
+  new token appears at --join-token-file), reports the error in the status
+  file, and never serves plaintext: Envoy keeps the expired certificate and
+  handshakes fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.secret.v3 import sds_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pki import flags
+from pki.client import ca_channel
+from pki.envoy import EnvoyOptions, EnvoySupervisor
+from pki.errors import PkiError, RenewalError, SvidError
+from pki.sds import SecretDiscoveryServicer
+from pki.svid import Svid, load_bundle, load_persisted_svid, new_key_and_csr, save_svid
+from shopmesh.ca.v1 import ca_pb2, ca_pb2_grpc
+
+log = logging.getLogger("pki.agent")
+
+CA_CALL_TIMEOUT_S = 5.0
+BACKOFF_MIN_S = 0.5
+JITTER = 0.10  # ±10 % of the rotation interval
+STATUS_INTERVAL_S = 1.0
+APP_HEALTH_TIMEOUT_S = 0.5
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_UNIX_SOCKET_PATH = 107
+
+
+def rotation_due_at(not_after: datetime, now: datetime, rng: random.Random | None = None) -> datetime:
+    """When to renew: half the remaining lifetime from now, ±10 % of that interval.
+
+    Computed from the certificate's own notAfter, never from the TTL we
+    asked for, so a CA that issues a different lifetime is still renewed in time.
+    """
+    interval = max((not_after - now).total_seconds(), 0.0) / 2
+    jitter = (rng or random).uniform(-JITTER, JITTER) * interval
+    return now + timedelta(seconds=interval + jitter)
+
+
+def retry_delay(failures: int, cap_s: float, rng: random.Random | None = None) -> float:
+    """Capped exponential back-off with jitter: ~0.5 s, 1 s, 2 s … up to cap_s."""
+    base = min(cap_s, BACKOFF_MIN_S * 2 ** max(failures - 1, 0))
+    return base * (rng or random).uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    spiffe_id: str
+    ca_join: str
+    ca_renew: str
+    join_token_file: Path
+    bundle_file: Path
+    data_dir: Path
+    sds_socket: Path
+    status_file: Path
+    envoy: EnvoyOptions | None
+    app_health: str | None
+    backoff_max: timedelta
+    log_level: str
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    p = argparse.ArgumentParser(prog="python -m pki.agent", description="ShopMesh workload agent (SVIDs, SDS, Envoy).")
+    p.add_argument("--spiffe-id", type=flags.spiffe_id, required=True, help="this workload's SPIFFE ID")
+    p.add_argument("--ca-join", type=flags.host_port, required=True, help="CA join port, HOST:PORT (TLS)")
+    p.add_argument("--ca-renew", type=flags.host_port, required=True, help="CA renew port, HOST:PORT (mTLS)")
+    p.add_argument("--join-token-file", type=Path, required=True, help="one-time join token; deleted after use")
+    p.add_argument("--bundle-file", type=Path, required=True, help="initial trust bundle (PEM) to verify the CA")
+    p.add_argument("--data-dir", type=Path, required=True, help="pod-private directory for the key and SVID (0700)")
+    p.add_argument("--sds-socket", type=Path, required=True, help="Unix socket path for Envoy's SDS (0600)")
+    p.add_argument("--status-file", type=Path, required=True, help="JSON status, rewritten every second")
+    p.add_argument("--envoy-config", type=Path, help="Envoy bootstrap; with the other --envoy-* flags, run Envoy")
+    p.add_argument("--envoy-bin", help="Envoy binary (path or name on PATH)")
+    p.add_argument("--envoy-admin", type=flags.loopback_host_port, help="Envoy admin address, 127.0.0.1:PORT")
+    p.add_argument("--envoy-log", type=Path, help="file for Envoy's stdout and stderr")
+    p.add_argument("--app-health", type=flags.loopback_host_port, help="app's grpc.health.v1 address, 127.0.0.1:PORT")
+    p.add_argument("--backoff-max", type=flags.duration, default="5s", help="longest wait between failed renewals (default 5s)")
+    p.add_argument("--log-level", choices=flags.LOG_LEVELS, default="info")
+    a = p.parse_args(argv)
+
+    try:
+        load_bundle(a.bundle_file.read_bytes(), str(a.bundle_file))
+    except (OSError, SvidError) as err:
+        p.error(f"argument --bundle-file: {err}")
+    if len(str(a.sds_socket).encode()) > MAX_UNIX_SOCKET_PATH:
+        p.error(f"argument --sds-socket: '{a.sds_socket}' is longer than {MAX_UNIX_SOCKET_PATH} bytes (Unix socket limit)")
+    envoy_flags = {
+        "--envoy-config": a.envoy_config,
+        "--envoy-bin": a.envoy_bin,
+        "--envoy-admin": a.envoy_admin,
+        "--envoy-log": a.envoy_log,
+    }
+    given = [name for name, value in envoy_flags.items() if value is not None]
+    envoy: EnvoyOptions | None = None
+    if given:
+        missing = [name for name in envoy_flags if name not in given]
+        if missing:
+            p.error(f"argument {missing[0]}: required when {given[0]} is given (all --envoy-* flags go together)")
+        if not a.envoy_config.is_file():
+            p.error(f"argument --envoy-config: '{a.envoy_config}' is not a file")
+        if not a.envoy_log.parent.is_dir():
+            p.error(f"argument --envoy-log: directory '{a.envoy_log.parent}' does not exist")
+        binary = shutil.which(a.envoy_bin)
+        if binary is None:
+            p.error(f"argument --envoy-bin: '{a.envoy_bin}' is not an executable file")
+        envoy = EnvoyOptions(
+            binary=Path(binary), config=a.envoy_config.resolve(), admin=a.envoy_admin, log_file=a.envoy_log
+        )
+    return AgentConfig(
+        spiffe_id=a.spiffe_id,
+        ca_join=flags.format_host_port(a.ca_join),
+        ca_renew=flags.format_host_port(a.ca_renew),
+        join_token_file=a.join_token_file,
+        bundle_file=a.bundle_file,
+        data_dir=a.data_dir,
+        sds_socket=a.sds_socket,
+        status_file=a.status_file,
+        envoy=envoy,
+        app_health=flags.format_host_port(a.app_health) if a.app_health else None,
+        backoff_max=a.backoff_max,
+        log_level=a.log_level,
+    )
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.svid: Svid | None = None
+        self.bundle_pem = config.bundle_file.read_bytes()
+        self.sds = SecretDiscoveryServicer()
+        self.envoy = EnvoySupervisor(config.envoy, config.data_dir) if config.envoy else None
+        self.rotations = 0
+        self.renewal_failures = 0
+        self.last_error: str | None = None
+        self.next_rotation_at: datetime | None = None
+        self._rotate_now = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._have_svid = asyncio.Event()
+        self._app_channel: grpc.aio.Channel | None = None
+
+    # --- SVID acquisition ---------------------------------------------------
+
+    def _install(self, svid: Svid, how: str) -> None:
+        """Make svid current: persist it, push it to Envoy, schedule the next rotation."""
+        previous = self.svid
+        save_svid(self.config.data_dir, svid)
+        self.svid = svid
+        self.bundle_pem = svid.bundle_pem
+        self.sds.set_svid(svid.chain_pem, svid.key_pem, svid.bundle_pem)
+        now = datetime.now(timezone.utc)
+        self.next_rotation_at = rotation_due_at(svid.not_after, now)
+        if previous is not None and how != "resumed":
+            self.rotations += 1
+        self.last_error = None
+        self._have_svid.set()
+        self._changed.set()
+        log.info(
+            "SVID %s: spiffe_id=%s serial=%s not_after=%s next_rotation_in=%.1fs",
+            how,
+            svid.spiffe_id,
+            svid.serial,
+            svid.not_after.isoformat(),
+            (self.next_rotation_at - now).total_seconds(),
+        )
+
+    def _read_token(self) -> str | None:
+        try:
+            token = self.config.join_token_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return token or None
+
+    async def _obtain(self) -> None:
+        """Get a new SVID: renew over mTLS while the current one is valid, else Join with a token."""
+        token = self._read_token()
+        current = self.svid
+        if current is not None and current.is_valid():
+            await self._renew(current)
+        elif token is not None:
+            await self._join(token)
+        elif current is not None:
+            # Expired and no token left: the CA refuses an expired client
+            # certificate at the handshake, but keep trying (and keep saying
+            # why) so the pod recovers the moment someone provides a token.
+            try:
+                await self._renew(current)
+            except RenewalError as err:
+                raise RenewalError(
+                    f"SVID serial {current.serial} expired at {current.not_after.isoformat()}; "
+                    f"renewal failed ({err}); write a new join token to {self.config.join_token_file}"
+                ) from err
+        else:
+            raise RenewalError(f"no SVID yet and no join token at {self.config.join_token_file}")
+
+    async def _join(self, token: str) -> None:
+        key, csr = new_key_and_csr(self.config.spiffe_id)
+        request = ca_pb2.JoinRequest(join_token=token, spiffe_id=self.config.spiffe_id, csr_pem=csr.decode())
+        async with ca_channel(self.config.ca_join, self.bundle_pem) as channel:
+            try:
+                response = await ca_pb2_grpc.CertificateAuthorityStub(channel).Join(request, timeout=CA_CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as err:
+                raise RenewalError(f"Join at {self.config.ca_join} failed: {err.code().name}: {err.details()}") from err
+        svid = self._accept(response, key, "Join")
+        # The token is spent; removing it keeps a stale one from being retried.
+        self.config.join_token_file.unlink(missing_ok=True)
+        self._install(svid, "joined" if self.svid is None else "re-joined")
+
+    async def _renew(self, current: Svid) -> None:
+        key, csr = new_key_and_csr(self.config.spiffe_id)
+        async with ca_channel(
+            self.config.ca_renew, self.bundle_pem, key_pem=current.key_pem, cert_chain_pem=current.chain_pem
+        ) as channel:
+            try:
+                response = await ca_pb2_grpc.CertificateAuthorityStub(channel).Renew(
+                    ca_pb2.RenewRequest(csr_pem=csr.decode()), timeout=CA_CALL_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as err:
+                hint = ""
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    hint = " (CA down, or it refused our client certificate at the TLS handshake)"
+                raise RenewalError(
+                    f"Renew at {self.config.ca_renew} failed: {err.code().name}: {err.details()}{hint}"
+                ) from err
+        self._install(self._accept(response, key, "Renew"), "rotated")
+
+    def _accept(self, response: ca_pb2.SvidResponse, key: ec.EllipticCurvePrivateKey, method: str) -> Svid:
+        try:
+            return Svid.build(
+                self.config.spiffe_id,
+                key,
+                response.cert_chain_pem.encode(),
+                response.bundle_pem.encode(),
+                f"{method} response from the CA",
+            )
+        except SvidError as err:
+            raise RenewalError(str(err)) from err
+
+    async def rotation_loop(self) -> None:
+        failures = 0
+        retry_at: float | None = None
+        while not self._stop.is_set():
+            now = time.time()
+            if retry_at is not None:
+                due = retry_at
+            elif self.svid is None or not self.svid.is_valid() or self.next_rotation_at is None:
+                due = now
+            else:
+                due = self.next_rotation_at.timestamp()
+            if due > now:
+                await _wait_any((self._rotate_now, self._stop), due - now)
+            if self._stop.is_set():
+                return
+            if self._rotate_now.is_set():
+                self._rotate_now.clear()
+                log.info("forced rotation (SIGHUP)")
+            try:
+                await self._obtain()
+            except (RenewalError, PkiError, OSError) as err:
+                failures += 1
+                self.renewal_failures += 1
+                self.last_error = str(err)
+                delay = retry_delay(failures, self.config.backoff_max.total_seconds())
+                retry_at = time.time() + delay
+                self._changed.set()
+                log.warning("SVID renewal failed (%d in a row), retrying in %.1fs: %s", failures, delay, err)
+            else:
+                failures = 0
+                retry_at = None
+
+    # --- status -------------------------------------------------------------
+
+    async def _app_serving(self) -> bool | None:
+        if self.config.app_health is None:
+            return None
+        if self._app_channel is None:
+            self._app_channel = grpc.aio.insecure_channel(self.config.app_health)
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._app_channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=APP_HEALTH_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def status(self, running: bool = True) -> dict[str, Any]:
+        svid = self.svid
+        now = time.time()
+        envoy_live: bool | None = None
+        serial: str | None = svid.serial if svid else None
+        if self.envoy is not None:
+            if running and self.envoy.pid is not None:
+                envoy_live = await asyncio.to_thread(self.envoy.is_live)
+                serial = await asyncio.to_thread(self.envoy.served_serial, self.config.spiffe_id)
+            else:
+                envoy_live, serial = False, None
+        app_serving = await self._app_serving() if running else (None if self.config.app_health is None else False)
+        not_after = svid.not_after.timestamp() if svid else None
+        svid_valid = not_after is not None and now < not_after
+        return {
+            "spiffe_id": self.config.spiffe_id,
+            "serial": serial,
+            "issued_serial": svid.serial if svid else None,
+            "not_after": not_after,
+            "expires_in_s": round(not_after - now, 3) if not_after is not None else None,
+            "envoy_live": envoy_live,
+            "app_serving": app_serving,
+            "ready": bool(running and svid_valid and envoy_live is not False and app_serving is not False),
+            "rotations": self.rotations,
+            "renewal_failures": self.renewal_failures,
+            "last_error": self.last_error,
+            "pid": os.getpid(),
+            "updated_at": now,
+            "running": running,
+            "next_rotation_at": self.next_rotation_at.timestamp() if self.next_rotation_at else None,
+            "envoy_pid": self.envoy.pid if self.envoy else None,
+            "envoy_restarts": self.envoy.restarts if self.envoy else None,
+            "envoy_last_exit": self.envoy.last_exit if self.envoy else None,
+        }
+
+    def _write_status(self, doc: dict[str, Any]) -> None:
+        path = self.config.status_file
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
+            # Public (no secrets): the CLI and tests read it, possibly as another user.
+            os.fchmod(fd, 0o644)
+            os.write(fd, json.dumps(doc, sort_keys=True).encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    async def status_loop(self) -> None:
+        while not self._stop.is_set():
+            self._changed.clear()
+            self._write_status(await self.status())
+            await _wait_any((self._changed, self._stop), STATUS_INTERVAL_S)
+
+    # --- Envoy --------------------------------------------------------------
+
+    async def envoy_loop(self) -> None:
+        assert self.envoy is not None
+        if not self.envoy.adopt_running():
+            # Start Envoy only with a certificate in hand: its listeners
+            # would otherwise sit warming, and readiness would mean nothing.
+            await self._have_svid.wait()
+        await self.envoy.run()
+
+    # --- main ---------------------------------------------------------------
+
+    def _resume(self) -> None:
+        try:
+            persisted = load_persisted_svid(self.config.data_dir, self.config.spiffe_id)
+        except SvidError as err:
+            log.warning("ignoring the SVID in %s: %s", self.config.data_dir, err)
+            self.last_error = str(err)
+            return
+        if persisted is None:
+            return
+        if persisted.is_valid():
+            self._install(persisted, "resumed")
+        else:
+            # Keep it to report it and to attempt renewal, but never serve an
+            # expired certificate to a fresh Envoy.
+            self.svid = persisted
+            self.bundle_pem = persisted.bundle_pem
+            log.warning("persisted SVID serial %s expired at %s", persisted.serial, persisted.not_after.isoformat())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._rotate_now.set)
+
+        self._resume()
+        server = grpc.aio.server()
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.sds, server)
+        socket_path = self.config.sds_socket
+        socket_path.unlink(missing_ok=True)  # a stale socket from a killed agent
+        try:
+            server.add_insecure_port(f"unix:{socket_path}")
+        except RuntimeError as err:
+            log.error("cannot listen on unix:%s: %s", socket_path, err)
+            return 1
+        await server.start()
+        os.chmod(socket_path, 0o600)
+        log.info(
+            "agent for %s: SDS on unix:%s, CA join %s renew %s, status %s%s",
+            self.config.spiffe_id,
+            socket_path,
+            self.config.ca_join,
+            self.config.ca_renew,
+            self.config.status_file,
+            f", Envoy admin {flags.format_host_port(self.config.envoy.admin)}" if self.config.envoy else "",
+        )
+
+        tasks = [
+            asyncio.create_task(self.rotation_loop(), name="rotation"),
+            asyncio.create_task(self.status_loop(), name="status"),
+        ]
+        if self.envoy is not None:
+            tasks.append(asyncio.create_task(self.envoy_loop(), name="envoy"))
+        stop_wait = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not stop_wait and t.exception() is not None]
+        for task in failed:
+            log.error("%s task failed: %r", task.get_name(), task.exception())
+        self._stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.envoy is not None:
+            await self.envoy.stop()
+        await server.stop(1.0)
+        socket_path.unlink(missing_ok=True)
+        if self._app_channel is not None:
+            await self._app_channel.close()
+        self._write_status(await self.status(running=False))
+        log.info("agent stopped")
+        return 1 if failed else 0
+
+
+async def _wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:
+    """Return when any event is set or timeout seconds passed."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+def prepare_dirs(config: AgentConfig) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Pod-private: the SVID's private key lives here.
+    os.chmod(config.data_dir, 0o700)
+    config.sds_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.status_file.parent.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    flags.setup_logging(config.log_level)
+    # Everything the agent creates (keys, the SDS socket) is private by
+    # default; the status file is made readable explicitly.
+    os.umask(0o077)
+    try:
+        prepare_dirs(config)
+        return asyncio.run(Agent(config).run())
+    except (PkiError, OSError) as err:
+        log.error("%s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
