@@ -52,6 +52,11 @@ class PodRecord:
     outbound_ports: dict[str, int]
     app_pid: int | None = None
     agent_pid: int | None = None
+    # How each process was started, so one can be restarted alone
+    # (shopmesh.testing restarts agents; a crashed app can be started again).
+    app_argv: list[str] = field(default_factory=list)
+    app_env: dict[str, str] = field(default_factory=dict)
+    agent_argv: list[str] = field(default_factory=list)
 
     @property
     def inbound(self) -> str | None:
@@ -73,6 +78,7 @@ class MeshRecord:
     mesh_id: str | None = None
     subnet: str | None = None
     ca_pid: int | None = None
+    ca_argv: list[str] = field(default_factory=list)
     runner_pid: int | None = None
     pods: dict[str, PodRecord] = field(default_factory=dict)
 
@@ -255,13 +261,20 @@ def _python() -> str:
 
 
 def _start_ca(record: MeshRecord, state_dir: Path) -> None:
-    record.ca_pid = _spawn(state_dir, "ca", [
+    record.ca_argv = [
         _python(), "-m", "pki.ca_server",
         "--state-dir", str(state_dir),
         "--join-listen", record.ca_join,
         "--renew-listen", record.ca_renew,
         "--ttl", f"{record.ttl_s}s",
-    ])
+    ]
+    start_ca(record)
+
+
+def start_ca(record: MeshRecord) -> None:
+    """Start the CA server (again) as recorded, and wait until it answers."""
+    state_dir = Path(record.state_dir)
+    record.ca_pid = _spawn(state_dir, "ca", record.ca_argv)
     record.save()
     bundle = state_dir / "ca" / "root.pem"
 
@@ -303,7 +316,9 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
         }
         for upstream, port in pod.outbound_ports.items():
             env[f"SHOPMESH_UPSTREAM_{upstream.upper()}"] = f"127.0.0.1:{port}"
-        pod.app_pid = _spawn(state_dir, f"{pod.name}.app", [*prefix, _python(), "-m", workload.app_module], env)
+        pod.app_argv = [*prefix, _python(), "-m", workload.app_module]
+        pod.app_env = env
+        pod.app_pid = _spawn(state_dir, f"{pod.name}.app", pod.app_argv, env)
 
     argv = [
         *prefix, _python(), "-m", "pki.agent",
@@ -322,6 +337,7 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
     ]
     if pod.app_port is not None:
         argv += ["--app-health", f"127.0.0.1:{pod.app_port}"]
+    pod.agent_argv = argv
     pod.agent_pid = _spawn(state_dir, f"{pod.name}.agent", argv)
     record.save()
 
@@ -505,6 +521,26 @@ def envoy_stats(record: MeshRecord, pod: str) -> dict[str, int]:
         if value.strip().lstrip("-").isdigit():
             stats[name] = int(value)
     return stats
+
+
+def stop_ca(record: MeshRecord) -> None:
+    """Stop the CA server (agents keep serving what they have, and retry)."""
+    if record.ca_pid:
+        _terminate([record.ca_pid], STOP_TIMEOUT_S)
+    record.ca_pid = None
+    record.save()
+
+
+def restart_agent(record: MeshRecord, pod: str, *, kill: bool = True) -> int:
+    """Kill a workload's agent outright (SIGKILL: no goodbye to Envoy) and
+    start a new one with the same arguments; return the new pid."""
+    agent = record.pods[pod]
+    if kill and agent.agent_pid and _alive(agent.agent_pid):
+        os.kill(agent.agent_pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(agent.agent_pid), STOP_TIMEOUT_S, f"the {pod} agent to die")
+    agent.agent_pid = _spawn(Path(record.state_dir), f"{pod}.agent", agent.agent_argv)
+    record.save()
+    return agent.agent_pid
 
 
 def request_rotation(record: MeshRecord, pod: str) -> None:
