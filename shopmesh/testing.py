@@ -244,6 +244,21 @@ class Mesh:
             cert_pem=identity.cert_pem if identity else None, key_pem=identity.key_pem if identity else None,
         )
 
+    def connect(self, target: str, *, identity: Identity | None = None) -> probe.GrpcConnection:
+        """An HTTP/2 connection to `target`'s inbound port that stays open
+        across calls (`conn.call(path)`), to watch what rotation and
+        connection age do to it."""
+        inbound = self.record.pods[target].inbound
+        assert inbound, f"{target} has no inbound port"
+        bundle = (self.state_dir / "ca" / "root.pem").read_bytes()
+        return probe.GrpcConnection(
+            inbound, ca_pem=bundle,
+            cert_pem=identity.cert_pem if identity else None, key_pem=identity.key_pem if identity else None,
+        )
+
+    def method_path(self, target: str, method: str) -> str:
+        return f"/{topology.GRPC_SERVICES[target]}/{method}"
+
     # -- waiting -------------------------------------------------------------
 
     def wait_until(self, condition: Callable[[], Any], timeout: float = 30, what: str = "a condition") -> None:
