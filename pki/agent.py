@@ -1,4 +1,5 @@
-"""The per-pod agent: obtains and rotates the workload's SVID, serves it to Envoy over SDS, runs Envoy.
+"""The per-pod agent: obtains and rotates the pod's SVIDs, serves them to Envoy (SDS) and to the
+app (SPIFFE Workload API) on one Unix socket, runs Envoy.
 
     python -m pki.agent --spiffe-id spiffe://shopmesh.internal/ns/shop/sa/orders \\
         --ca-join 127.0.0.1:8440 --ca-renew 127.0.0.1:8441 \\
@@ -7,19 +8,32 @@
         [--envoy-config POD/envoy.yaml --envoy-bin .venv/bin/envoy \\
          --envoy-admin 127.0.0.1:9901 --envoy-log POD/envoy.log] [--app-health 127.0.0.1:50051]
 
+Two identities, as with SPIRE:
+- the AGENT SVID (spiffe://<td>/shopmesh/agent/<workload path>) proves which
+  agent calls the CA. The join token attests it; it lives long (an hour, or
+  30 workload TTLs), renews itself at half its life, and is the only client
+  certificate of renewals. It never leaves the agent: not over SDS, not over
+  the Workload API.
+- the WORKLOAD SVID is what Envoy and the app present to peers. The agent
+  renews it with its agent SVID, even after it expired (a CA outage longer
+  than the workload TTL heals by itself when the CA returns).
+
 Life of an SVID:
-- Bootstrap: a fresh EC P-256 key and CSR, Join with the one-time token from
-  --join-token-file (deleted after it worked). Key and chain are kept in
+- Bootstrap: fresh EC P-256 keys and CSRs, Join with the one-time token from
+  --join-token-file (deleted after it worked). Keys and chains are kept in
   --data-dir (0600), so a restarted agent resumes with mTLS renewal and needs
-  no new token while its certificate is valid.
+  no new token while its agent SVID is valid.
 - Rotation: at half the certificate's *remaining* lifetime, read from its own
   notAfter (a CA may ignore the requested TTL; ACM PCA and moto do), ±10 %
   jitter so a fleet does not renew in lock-step. Every rotation uses a new key.
   On failure: capped exponential back-off with jitter, while the current SVID
   keeps being served.
-- SIGHUP forces a rotation now (`shopmesh rotate` sends it to the "pid" in
-  the status file).
-- Expired and no token: the agent keeps trying (renewal, or Join as soon as a
+- Trust bundle: a WatchBundle stream from the CA delivers every bundle change
+  (CA rotation) at once; it is pushed to Envoy (ROOTCA) and the Workload API.
+  When the CA's signing authority changes, both SVIDs are renewed at once.
+- SIGHUP forces a rotation of the workload SVID now (`shopmesh rotate` sends
+  it to the "pid" in the status file).
+- Agent SVID expired and no token: the agent keeps trying (Join as soon as a
   new token appears at --join-token-file), reports the error in the status
   file, and never serves plaintext: Envoy keeps the expired certificate and
   handshakes fail.
@@ -43,21 +57,37 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.secret.v3 import sds_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pki import flags
+from pki.authority import bundle_fingerprints, fingerprint, pem
 from pki.client import ca_channel
 from pki.envoy import EnvoyOptions, EnvoySupervisor
 from pki.errors import PkiError, RenewalError, SvidError
 from pki.sds import SecretDiscoveryServicer
-from pki.svid import Svid, load_bundle, load_persisted_svid, new_key_and_csr, save_svid
+from pki.spiffe_ids import agent_id_for
+from pki.svid import (
+    AGENT_SVID_FILE,
+    BUNDLE_FILE,
+    SVID_FILE,
+    Svid,
+    load_bundle,
+    load_persisted_svid,
+    new_key_and_csr,
+    save_bundle,
+    save_svid,
+)
+from pki.workload_api import WorkloadApiServicer
+from pki.workload_api import add_to_server as add_workload_api
 from shopmesh.ca.v1 import ca_pb2, ca_pb2_grpc
 
 log = logging.getLogger("pki.agent")
 
-CA_CALL_TIMEOUT_S = 5.0
+# ACM PCA direct mode waits for issuance inside the CA's answer (pki.backends.acm_pca.WAITER).
+CA_CALL_TIMEOUT_S = 10.0
 BACKOFF_MIN_S = 0.5
 JITTER = 0.10  # ±10 % of the rotation interval
 STATUS_INTERVAL_S = 1.0
@@ -165,29 +195,78 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.agent_id = agent_id_for(config.spiffe_id)
+        self.trust_domain = config.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
         self.svid: Svid | None = None
+        self.agent_svid: Svid | None = None
         self.bundle_pem = config.bundle_file.read_bytes()
+        # The CA's signing authority, as WatchBundle last reported it.
+        self.signing_authority: str | None = None
         self.sds = SecretDiscoveryServicer()
+        self.workload_api = WorkloadApiServicer(self.trust_domain)
         self.envoy = EnvoySupervisor(config.envoy, config.data_dir) if config.envoy else None
         self.rotations = 0
+        self.agent_rotations = 0
         self.renewal_failures = 0
         self.last_error: str | None = None
         self.next_rotation_at: datetime | None = None
-        self._rotate_now = asyncio.Event()
+        self.agent_rotation_at: datetime | None = None
+        self._rotate_now = asyncio.Event()  # SIGHUP: the workload SVID, now
+        self._renew_all = asyncio.Event()  # CA rotation: both SVIDs, now
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()
         self._have_svid = asyncio.Event()
         self._app_channel: grpc.aio.Channel | None = None
 
+    # --- trust ----------------------------------------------------------------
+
+    def _ca_trust(self) -> bytes:
+        """Roots to verify the CA server with: the current bundle, plus the --bundle-file as it is now.
+
+        The bundle file is the operator's bootstrap trust; re-reading it lets
+        an agent that slept through a whole CA rotation reach the CA again.
+        """
+        try:
+            bootstrap = self.config.bundle_file.read_bytes()
+            load_bundle(bootstrap, str(self.config.bundle_file))
+        except (OSError, SvidError):
+            bootstrap = b""
+        known = set(bundle_fingerprints(self.bundle_pem))
+        extra = [c for c in x509.load_pem_x509_certificates(bootstrap) if fingerprint(c) not in known] if bootstrap else []
+        return self.bundle_pem + pem(extra)
+
+    async def _set_bundle(self, bundle_pem: bytes, source: str) -> None:
+        """Adopt a trust bundle from the CA: persist it, push it to Envoy and the Workload API."""
+        try:
+            load_bundle(bundle_pem, source)
+        except SvidError as err:
+            log.warning("ignoring the trust bundle from %s: %s", source, err)
+            return
+        persisted = (self.config.data_dir / BUNDLE_FILE).exists()
+        if bundle_fingerprints(bundle_pem) == bundle_fingerprints(self.bundle_pem):
+            if not persisted:  # the bundle that verifies the persisted SVIDs after a restart
+                save_bundle(self.config.data_dir, bundle_pem)
+            return
+        self.bundle_pem = bundle_pem
+        save_bundle(self.config.data_dir, bundle_pem)
+        self.sds.set_bundle(bundle_pem)
+        await self.workload_api.update(self.svid if self.svid and self.svid.is_valid() else None, bundle_pem)
+        self._changed.set()
+        log.info(
+            "trust bundle from %s: %s",
+            source,
+            ", ".join(f[:16] for f in bundle_fingerprints(bundle_pem)),
+        )
+
     # --- SVID acquisition ---------------------------------------------------
 
-    def _install(self, svid: Svid, how: str) -> None:
-        """Make svid current: persist it, push it to Envoy, schedule the next rotation."""
+    async def _install(self, svid: Svid, how: str) -> None:
+        """Make svid the workload SVID: persist it, push it to Envoy and the app, schedule its rotation."""
         previous = self.svid
-        save_svid(self.config.data_dir, svid)
+        save_svid(self.config.data_dir, svid, SVID_FILE)
         self.svid = svid
-        self.bundle_pem = svid.bundle_pem
-        self.sds.set_svid(svid.chain_pem, svid.key_pem, svid.bundle_pem)
+        self.sds.set_svid(svid.chain_pem, svid.key_pem, self.bundle_pem)
+        await self.workload_api.update(svid, self.bundle_pem)
         now = datetime.now(timezone.utc)
         self.next_rotation_at = rotation_due_at(svid.not_after, now)
         if previous is not None and how != "resumed":
@@ -204,6 +283,24 @@ class Agent:
             (self.next_rotation_at - now).total_seconds(),
         )
 
+    def _install_agent(self, svid: Svid, how: str) -> None:
+        previous = self.agent_svid
+        save_svid(self.config.data_dir, svid, AGENT_SVID_FILE)
+        self.agent_svid = svid
+        now = datetime.now(timezone.utc)
+        self.agent_rotation_at = rotation_due_at(svid.not_after, now)
+        if previous is not None and how != "resumed":
+            self.agent_rotations += 1
+        self._changed.set()
+        log.info(
+            "agent SVID %s: spiffe_id=%s serial=%s not_after=%s next_rotation_in=%.1fs",
+            how,
+            svid.spiffe_id,
+            svid.serial,
+            svid.not_after.isoformat(),
+            (self.agent_rotation_at - now).total_seconds(),
+        )
+
     def _read_token(self) -> str | None:
         try:
             token = self.config.join_token_file.read_text().strip()
@@ -211,91 +308,127 @@ class Agent:
             return None
         return token or None
 
-    async def _obtain(self) -> None:
-        """Get a new SVID: renew over mTLS while the current one is valid, else Join with a token."""
-        token = self._read_token()
-        current = self.svid
-        if current is not None and current.is_valid():
-            await self._renew(current)
-        elif token is not None:
+    async def _obtain(self, workload_due: bool, agent_due: bool) -> None:
+        """Renew what is due with the agent SVID; Join with a token when there is no valid agent SVID."""
+        agent = self.agent_svid
+        if agent is None or not agent.is_valid():
+            token = self._read_token()
+            if token is not None:
+                await self._join(token)
+                return
+            if agent is None:
+                raise RenewalError(f"no agent SVID yet and no join token at {self.config.join_token_file}")
+            # The CA refuses an expired client certificate at the handshake
+            # (ACCEPTANCE row 4): only a new join token helps. Keep saying so
+            # until one appears.
+            raise RenewalError(
+                f"agent SVID serial {agent.serial} expired at {agent.not_after.isoformat()}; the CA accepts "
+                f"renewals only with a valid one: write a new join token to {self.config.join_token_file}"
+            )
+        try:
+            if agent_due:
+                await self._renew_agent(agent)
+                agent = self.agent_svid
+                assert agent is not None
+            if workload_due:
+                await self._renew(agent)
+        except RenewalError as err:
+            # A token at --join-token-file means someone wants this agent to
+            # (re)join: e.g. the CA was replaced or rotated while the pod was
+            # down, and it now refuses an agent SVID that has not expired.
+            token = self._read_token()
+            if token is None:
+                raise
+            log.warning("renewal failed (%s); joining again with the token at %s", err, self.config.join_token_file)
             await self._join(token)
-        elif current is not None:
-            # Expired and no token left: the CA refuses an expired client
-            # certificate at the handshake, but keep trying (and keep saying
-            # why) so the pod recovers the moment someone provides a token.
-            try:
-                await self._renew(current)
-            except RenewalError as err:
-                raise RenewalError(
-                    f"SVID serial {current.serial} expired at {current.not_after.isoformat()}; "
-                    f"renewal failed ({err}); write a new join token to {self.config.join_token_file}"
-                ) from err
-        else:
-            raise RenewalError(f"no SVID yet and no join token at {self.config.join_token_file}")
 
-    async def _join(self, token: str) -> None:
-        key, csr = new_key_and_csr(self.config.spiffe_id)
-        request = ca_pb2.JoinRequest(join_token=token, spiffe_id=self.config.spiffe_id, csr_pem=csr.decode())
-        async with ca_channel(self.config.ca_join, self.bundle_pem) as channel:
+    async def _call_ca(self, method: str, address: str, request: Any, client: Svid | None) -> ca_pb2.SvidResponse:
+        options: dict[str, bytes] = {}
+        if client is not None:
+            options = {"key_pem": client.key_pem, "cert_chain_pem": client.chain_pem}
+        async with ca_channel(address, self._ca_trust(), **options) as channel:
             try:
-                response = await ca_pb2_grpc.CertificateAuthorityStub(channel).Join(request, timeout=CA_CALL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as err:
-                raise RenewalError(f"Join at {self.config.ca_join} failed: {err.code().name}: {err.details()}") from err
-        svid = self._accept(response, key, "Join")
-        # The token is spent; removing it keeps a stale one from being retried.
-        self.config.join_token_file.unlink(missing_ok=True)
-        self._install(svid, "joined" if self.svid is None else "re-joined")
-
-    async def _renew(self, current: Svid) -> None:
-        key, csr = new_key_and_csr(self.config.spiffe_id)
-        async with ca_channel(
-            self.config.ca_renew, self.bundle_pem, key_pem=current.key_pem, cert_chain_pem=current.chain_pem
-        ) as channel:
-            try:
-                response = await ca_pb2_grpc.CertificateAuthorityStub(channel).Renew(
-                    ca_pb2.RenewRequest(csr_pem=csr.decode()), timeout=CA_CALL_TIMEOUT_S
+                response: ca_pb2.SvidResponse = await getattr(ca_pb2_grpc.CertificateAuthorityStub(channel), method)(
+                    request, timeout=CA_CALL_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as err:
                 hint = ""
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and client is not None:
                     hint = " (CA down, or it refused our client certificate at the TLS handshake)"
-                raise RenewalError(
-                    f"Renew at {self.config.ca_renew} failed: {err.code().name}: {err.details()}{hint}"
-                ) from err
-        self._install(self._accept(response, key, "Renew"), "rotated")
+                raise RenewalError(f"{method} at {address} failed: {err.code().name}: {err.details()}{hint}") from err
+        return response
 
-    def _accept(self, response: ca_pb2.SvidResponse, key: ec.EllipticCurvePrivateKey, method: str) -> Svid:
+    async def _join(self, token: str) -> None:
+        key, csr = new_key_and_csr(self.config.spiffe_id)
+        agent_key, agent_csr = new_key_and_csr(self.agent_id)
+        request = ca_pb2.JoinRequest(
+            join_token=token, spiffe_id=self.config.spiffe_id, csr_pem=csr.decode(), agent_csr_pem=agent_csr.decode()
+        )
+        response = await self._call_ca("Join", self.config.ca_join, request, None)
+        svid = self._accept(self.config.spiffe_id, response.cert_chain_pem, response.bundle_pem, key, "Join")
+        agent = self._accept(self.agent_id, response.agent_cert_chain_pem, response.bundle_pem, agent_key, "Join (agent)")
+        # The token is spent; removing it keeps a stale one from being retried.
+        self.config.join_token_file.unlink(missing_ok=True)
+        await self._set_bundle(response.bundle_pem.encode(), "Join")
+        self._install_agent(agent, "joined" if self.agent_svid is None else "re-joined")
+        await self._install(svid, "joined" if self.svid is None else "re-joined")
+
+    async def _renew(self, agent: Svid) -> None:
+        key, csr = new_key_and_csr(self.config.spiffe_id)
+        response = await self._call_ca("Renew", self.config.ca_renew, ca_pb2.RenewRequest(csr_pem=csr.decode()), agent)
+        svid = self._accept(self.config.spiffe_id, response.cert_chain_pem, response.bundle_pem, key, "Renew")
+        await self._set_bundle(response.bundle_pem.encode(), "Renew")
+        await self._install(svid, "rotated")
+
+    async def _renew_agent(self, agent: Svid) -> None:
+        key, csr = new_key_and_csr(self.agent_id)
+        response = await self._call_ca("RenewAgent", self.config.ca_renew, ca_pb2.RenewRequest(csr_pem=csr.decode()), agent)
+        renewed = self._accept(self.agent_id, response.cert_chain_pem, response.bundle_pem, key, "RenewAgent")
+        await self._set_bundle(response.bundle_pem.encode(), "RenewAgent")
+        self._install_agent(renewed, "rotated")
+
+    def _accept(self, spiffe_id: str, chain_pem: str, bundle_pem: str, key: ec.EllipticCurvePrivateKey, method: str) -> Svid:
         try:
-            return Svid.build(
-                self.config.spiffe_id,
-                key,
-                response.cert_chain_pem.encode(),
-                response.bundle_pem.encode(),
-                f"{method} response from the CA",
-            )
+            return Svid.build(spiffe_id, key, chain_pem.encode(), bundle_pem.encode(), f"{method} response from the CA")
         except SvidError as err:
             raise RenewalError(str(err)) from err
+
+    def _due(self) -> tuple[bool, bool, float]:
+        """(workload due, agent due, seconds until the earlier of the two)."""
+        now = datetime.now(timezone.utc)
+        svid, agent = self.svid, self.agent_svid
+        workload_at = now if svid is None or not svid.is_valid(now) or self.next_rotation_at is None else self.next_rotation_at
+        agent_at = now if agent is None or not agent.is_valid(now) or self.agent_rotation_at is None else self.agent_rotation_at
+        wait = max(0.0, (min(workload_at, agent_at) - now).total_seconds())
+        return workload_at <= now, agent_at <= now, wait
 
     async def rotation_loop(self) -> None:
         failures = 0
         retry_at: float | None = None
+        # Forced renewals stay owed until they succeed.
+        owe_workload = owe_agent = False
         while not self._stop.is_set():
-            now = time.time()
+            _, _, wait = self._due()
             if retry_at is not None:
-                due = retry_at
-            elif self.svid is None or not self.svid.is_valid() or self.next_rotation_at is None:
-                due = now
-            else:
-                due = self.next_rotation_at.timestamp()
-            if due > now:
-                await _wait_any((self._rotate_now, self._stop), due - now)
+                wait = max(0.0, retry_at - time.time())
+            if wait > 0:
+                await _wait_any((self._rotate_now, self._renew_all, self._stop), wait)
             if self._stop.is_set():
                 return
             if self._rotate_now.is_set():
                 self._rotate_now.clear()
+                owe_workload = True
                 log.info("forced rotation (SIGHUP)")
+            if self._renew_all.is_set():
+                self._renew_all.clear()
+                owe_workload = owe_agent = True
+                log.info("the CA's signing authority changed: renewing the workload and agent SVIDs")
+            workload_due, agent_due, _ = self._due()
+            workload_due, agent_due = workload_due or owe_workload, agent_due or owe_agent
+            if not (workload_due or agent_due):
+                continue
             try:
-                await self._obtain()
+                await self._obtain(workload_due, agent_due)
             except (RenewalError, PkiError, OSError) as err:
                 failures += 1
                 self.renewal_failures += 1
@@ -307,6 +440,31 @@ class Agent:
             else:
                 failures = 0
                 retry_at = None
+                owe_workload = owe_agent = False
+
+    async def bundle_loop(self) -> None:
+        """Keep a WatchBundle stream open to the CA; adopt every bundle and react to a new signing authority."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                async with ca_channel(self.config.ca_join, self._ca_trust()) as channel:
+                    call = ca_pb2_grpc.CertificateAuthorityStub(channel).WatchBundle(ca_pb2.GetBundleRequest())
+                    async for update in call:
+                        failures = 0
+                        await self._set_bundle(update.bundle_pem.encode(), "WatchBundle")
+                        self._note_signing_authority(update.signing_authority)
+            except grpc.aio.AioRpcError as err:
+                log.debug("WatchBundle at %s ended: %s: %s", self.config.ca_join, err.code().name, err.details())
+            failures += 1
+            await _wait_any((self._stop,), retry_delay(failures, self.config.backoff_max.total_seconds()))
+
+    def _note_signing_authority(self, authority: str) -> None:
+        if not authority:
+            return
+        self.signing_authority = authority
+        stale = [s for s in (self.svid, self.agent_svid) if s is not None and s.authority != authority]
+        if stale:
+            self._renew_all.set()
 
     # --- status -------------------------------------------------------------
 
@@ -324,7 +482,7 @@ class Agent:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def status(self, running: bool = True) -> dict[str, Any]:
-        svid = self.svid
+        svid, agent = self.svid, self.agent_svid
         now = time.time()
         envoy_live: bool | None = None
         serial: str | None = svid.serial if svid else None
@@ -336,6 +494,7 @@ class Agent:
                 envoy_live, serial = False, None
         app_serving = await self._app_serving() if running else (None if self.config.app_health is None else False)
         not_after = svid.not_after.timestamp() if svid else None
+        agent_not_after = agent.not_after.timestamp() if agent else None
         svid_valid = not_after is not None and now < not_after
         return {
             "spiffe_id": self.config.spiffe_id,
@@ -343,6 +502,7 @@ class Agent:
             "issued_serial": svid.serial if svid else None,
             "not_after": not_after,
             "expires_in_s": round(not_after - now, 3) if not_after is not None else None,
+            "svid_authority": svid.authority if svid else None,
             "envoy_live": envoy_live,
             "app_serving": app_serving,
             "ready": bool(running and svid_valid and envoy_live is not False and app_serving is not False),
@@ -353,6 +513,17 @@ class Agent:
             "updated_at": now,
             "running": running,
             "next_rotation_at": self.next_rotation_at.timestamp() if self.next_rotation_at else None,
+            "agent_spiffe_id": self.agent_id,
+            "agent_serial": agent.serial if agent else None,
+            "agent_not_after": agent_not_after,
+            "agent_expires_in_s": round(agent_not_after - now, 3) if agent_not_after is not None else None,
+            "agent_svid_authority": agent.authority if agent else None,
+            "agent_rotations": self.agent_rotations,
+            "agent_next_rotation_at": self.agent_rotation_at.timestamp() if self.agent_rotation_at else None,
+            "bundle_fingerprints": bundle_fingerprints(self.bundle_pem),
+            "signing_authority": self.signing_authority,
+            "sds_synced": self.sds.synced if self.envoy is not None else None,
+            "workload_api_socket": str(self.config.sds_socket.resolve()),
             "envoy_pid": self.envoy.pid if self.envoy else None,
             "envoy_restarts": self.envoy.restarts if self.envoy else None,
             "envoy_last_exit": self.envoy.last_exit if self.envoy else None,
@@ -378,9 +549,9 @@ class Agent:
 
     # --- Envoy --------------------------------------------------------------
 
-    async def envoy_loop(self) -> None:
+    async def envoy_loop(self, adopted: bool) -> None:
         assert self.envoy is not None
-        if not self.envoy.adopt_running():
+        if not adopted:
             # Start Envoy only with a certificate in hand: its listeners
             # would otherwise sit warming, and readiness would mean nothing.
             await self._have_svid.wait()
@@ -388,23 +559,32 @@ class Agent:
 
     # --- main ---------------------------------------------------------------
 
-    def _resume(self) -> None:
-        try:
-            persisted = load_persisted_svid(self.config.data_dir, self.config.spiffe_id)
-        except SvidError as err:
-            log.warning("ignoring the SVID in %s: %s", self.config.data_dir, err)
-            self.last_error = str(err)
-            return
-        if persisted is None:
-            return
-        if persisted.is_valid():
-            self._install(persisted, "resumed")
-        else:
-            # Keep it to report it and to attempt renewal, but never serve an
-            # expired certificate to a fresh Envoy.
-            self.svid = persisted
-            self.bundle_pem = persisted.bundle_pem
-            log.warning("persisted SVID serial %s expired at %s", persisted.serial, persisted.not_after.isoformat())
+    async def _resume(self) -> None:
+        data_dir = self.config.data_dir
+        if (data_dir / BUNDLE_FILE).exists():
+            self.bundle_pem = (data_dir / BUNDLE_FILE).read_bytes()
+        for name, spiffe_id in ((AGENT_SVID_FILE, self.agent_id), (SVID_FILE, self.config.spiffe_id)):
+            try:
+                persisted = load_persisted_svid(data_dir, spiffe_id, name)
+            except SvidError as err:
+                log.warning("ignoring %s: %s", data_dir / name, err)
+                self.last_error = str(err)
+                continue
+            if persisted is None:
+                continue
+            if name == AGENT_SVID_FILE:
+                self.agent_svid = persisted
+                if persisted.is_valid():
+                    self._install_agent(persisted, "resumed")
+                else:
+                    log.warning("persisted agent SVID serial %s expired at %s", persisted.serial, persisted.not_after.isoformat())
+            elif persisted.is_valid():
+                await self._install(persisted, "resumed")
+            else:
+                # Keep it to report it, but never serve an expired certificate
+                # to a fresh Envoy: renewal replaces it.
+                self.svid = persisted
+                log.warning("persisted SVID serial %s expired at %s", persisted.serial, persisted.not_after.isoformat())
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -412,9 +592,12 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._rotate_now.set)
 
-        self._resume()
+        await self._resume()
+        # One socket, two APIs, as a SPIRE agent serves them: SDS for Envoy,
+        # the SPIFFE Workload API for the app.
         server = grpc.aio.server()
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.sds, server)
+        add_workload_api(self.workload_api, server)
         socket_path = self.config.sds_socket
         socket_path.unlink(missing_ok=True)  # a stale socket from a killed agent
         try:
@@ -425,8 +608,9 @@ class Agent:
         await server.start()
         os.chmod(socket_path, 0o600)
         log.info(
-            "agent for %s: SDS on unix:%s, CA join %s renew %s, status %s%s",
+            "agent for %s (agent ID %s): SDS and Workload API on unix:%s, CA join %s renew %s, status %s%s",
             self.config.spiffe_id,
+            self.agent_id,
             socket_path,
             self.config.ca_join,
             self.config.ca_renew,
@@ -434,12 +618,16 @@ class Agent:
             f", Envoy admin {flags.format_host_port(self.config.envoy.admin)}" if self.config.envoy else "",
         )
 
+        # Adopt an Envoy a killed predecessor left running before the first
+        # status write, so that the status never shows it as missing.
+        adopted = self.envoy.adopt_running() if self.envoy is not None else False
         tasks = [
             asyncio.create_task(self.rotation_loop(), name="rotation"),
+            asyncio.create_task(self.bundle_loop(), name="bundle"),
             asyncio.create_task(self.status_loop(), name="status"),
         ]
         if self.envoy is not None:
-            tasks.append(asyncio.create_task(self.envoy_loop(), name="envoy"))
+            tasks.append(asyncio.create_task(self.envoy_loop(adopted), name="envoy"))
         stop_wait = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t is not stop_wait and t.exception() is not None]

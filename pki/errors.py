@@ -42,3 +42,23 @@ class DurationError(PkiError, ValueError):
 
 class SvidError(PkiError):
     """An SVID received or loaded from disk fails verification."""
+
+
+class IssuanceError(PkiError):
+    """The CA backend could not issue a certificate; the agent keeps its current one and retries."""
+
+
+class CaUnavailableError(IssuanceError):
+    """Transient: the upstream CA is throttling us or unreachable. Retry with back-off."""
+
+
+class CaNotUsableError(IssuanceError):
+    """The upstream CA refuses to issue (disabled, deleted, access denied) until someone fixes it."""
+
+
+class CaResponseError(IssuanceError):
+    """The upstream CA answered with something we must not hand out (not PEM, wrong key, not an SVID)."""
+
+
+class RotationError(PkiError):
+    """A CA rotation step cannot run now (nothing prepared, or the backend cannot rotate)."""

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from pki.durations import parse_duration
 from pki.errors import PkiError
-from pki.spiffe_ids import parse_spiffe_id
+from pki.spiffe_ids import check_workload_id
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,7 +58,7 @@ def duration(text: str) -> timedelta:
 
 def spiffe_id(text: str) -> str:
     try:
-        parse_spiffe_id(text)
+        check_workload_id(text)
     except PkiError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
     return text

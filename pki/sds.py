@@ -59,29 +59,39 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     def __init__(self) -> None:
         self._resources: dict[str, _Resource] = {}
         self._streams: set[asyncio.Queue[DiscoveryRequest | _Update | _Closed]] = set()
+        # Per open stream: the version last sent and the version Envoy last ACKed.
+        self._sync: dict[int, tuple[str | None, str | None]] = {}
         self._nonces = itertools.count(1)
         self.nacks = 0
 
     def set_svid(self, cert_chain_pem: bytes, private_key_pem: bytes, bundle_pem: bytes) -> None:
-        """Replace the served secrets and push them to every open stream."""
-        cert = Secret(
-            name=CERT_RESOURCE,
-            tls_certificate=TlsCertificate(
-                certificate_chain=DataSource(inline_bytes=cert_chain_pem),
-                private_key=DataSource(inline_bytes=private_key_pem),
-            ),
-        )
-        bundle = Secret(
-            name=BUNDLE_RESOURCE,
-            validation_context=CertificateValidationContext(trusted_ca=DataSource(inline_bytes=bundle_pem)),
-        )
-        self._resources = {s.name: _Resource(s, _content_version(s)) for s in (cert, bundle)}
+        """Replace the served certificate and bundle and push them to every open stream."""
+        self._set(_certificate_secret(cert_chain_pem, private_key_pem), _bundle_secret(bundle_pem))
+
+    def set_bundle(self, bundle_pem: bytes) -> None:
+        """Replace only the trust bundle (ROOTCA), e.g. when the CA publishes a new root."""
+        self._set(_bundle_secret(bundle_pem))
+
+    def _set(self, *secrets: Secret) -> None:
+        resources = dict(self._resources)
+        for secret in secrets:
+            resources[secret.name] = _Resource(secret, _content_version(secret))
+        self._resources = resources
         for queue in self._streams:
             queue.put_nowait(_Update())
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def synced(self) -> bool:
+        """Every open stream has ACKed the content it was last sent, and nothing newer is pending.
+
+        With Envoy connected, True means Envoy applies the current certificate
+        and bundle (what `shopmesh ca rotate` waits for between its steps).
+        """
+        return bool(self._sync) and all(sent is not None and sent == acked for sent, acked in self._sync.values())
 
     def _response(self, names: Iterable[str]) -> DiscoveryResponse | None:
         wanted = list(names) or sorted(self._resources)  # no names: a wildcard request
@@ -104,6 +114,8 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         queue: asyncio.Queue[DiscoveryRequest | _Update | _Closed] = asyncio.Queue()
         reader = asyncio.create_task(_pump(request_iterator, queue))
         self._streams.add(queue)
+        stream = id(queue)
+        self._sync[stream] = (None, None)
         names: list[str] = []
         sent_version: str | None = None
         last_nonce = ""
@@ -130,6 +142,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     requested = list(item.resource_names)
                     if item.response_nonce and requested == names:
                         log.debug("Envoy ACKed SDS version %s for %s", item.version_info, names)
+                        self._sync[stream] = (sent_version, item.version_info)
                         continue
                     unknown = set(requested) - {CERT_RESOURCE, BUNDLE_RESOURCE}
                     if unknown:
@@ -142,10 +155,12 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 if response is None or response.version_info == sent_version:
                     continue
                 sent_version, last_nonce = response.version_info, response.nonce
+                self._sync[stream] = (sent_version, self._sync[stream][1])
                 log.info("SDS push %s version %s (nonce %s)", names, sent_version, last_nonce)
                 yield response
         finally:
             self._streams.discard(queue)
+            self._sync.pop(stream, None)
             reader.cancel()
 
     async def FetchSecrets(self, request: DiscoveryRequest, context: grpc.aio.ServicerContext) -> DiscoveryResponse:
@@ -174,6 +189,23 @@ async def _pump(
         log.debug("SDS stream ended: %s", err)
     finally:
         queue.put_nowait(_Closed())
+
+
+def _certificate_secret(cert_chain_pem: bytes, private_key_pem: bytes) -> Secret:
+    return Secret(
+        name=CERT_RESOURCE,
+        tls_certificate=TlsCertificate(
+            certificate_chain=DataSource(inline_bytes=cert_chain_pem),
+            private_key=DataSource(inline_bytes=private_key_pem),
+        ),
+    )
+
+
+def _bundle_secret(bundle_pem: bytes) -> Secret:
+    return Secret(
+        name=BUNDLE_RESOURCE,
+        validation_context=CertificateValidationContext(trusted_ca=DataSource(inline_bytes=bundle_pem)),
+    )
 
 
 def _content_version(secret: Secret) -> str:

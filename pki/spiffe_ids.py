@@ -68,3 +68,48 @@ def parse_spiffe_id(value: str, trust_domain: str | None = None) -> SpiffeId:
             f"is not this CA's trust domain '{trust_domain}'"
         )
     return parsed
+
+
+# Paths under /shopmesh/ name the mesh's own control plane (the CA server,
+# agents); no join token is ever created for them and no workload gets one.
+CONTROL_PLANE_PREFIX = "/shopmesh/"
+AGENT_PREFIX = "/shopmesh/agent"
+
+
+def check_workload_id(value: str, trust_domain: str | None = None) -> SpiffeId:
+    """parse_spiffe_id, and refuse the control plane's reserved paths."""
+    parsed = parse_spiffe_id(value, trust_domain)
+    size = len(value.encode("utf-8"))
+    if size + len(AGENT_PREFIX) > MAX_SPIFFE_ID_BYTES:
+        raise InvalidSpiffeIdError(
+            f"invalid SPIFFE ID '{_shown(value)}': {size} bytes long; a workload ID may have at most "
+            f"{MAX_SPIFFE_ID_BYTES - len(AGENT_PREFIX)} so that its agent ID fits in {MAX_SPIFFE_ID_BYTES}"
+        )
+    if parsed.path.startswith(CONTROL_PLANE_PREFIX):
+        raise InvalidSpiffeIdError(
+            f"invalid SPIFFE ID '{_shown(value)}': paths under {CONTROL_PLANE_PREFIX} are reserved for the mesh's control plane"
+        )
+    return parsed
+
+
+def agent_id_for(workload_id: str) -> str:
+    """The agent SPIFFE ID that may renew workload_id: /shopmesh/agent + the workload's path.
+
+    Deriving one from the other (instead of a registration table) binds an
+    agent to exactly the workload its join token named, in both directions.
+    """
+    parsed = check_workload_id(workload_id)
+    return f"spiffe://{parsed.trust_domain.name}{AGENT_PREFIX}{parsed.path}"
+
+
+def workload_id_for_agent(agent_id: str, trust_domain: str | None = None) -> str | None:
+    """The workload an agent SVID may renew; None if agent_id is not an agent ID."""
+    parsed = parse_spiffe_id(agent_id, trust_domain)
+    if not parsed.path.startswith(AGENT_PREFIX + "/"):
+        return None
+    workload = f"spiffe://{parsed.trust_domain.name}{parsed.path[len(AGENT_PREFIX):]}"
+    try:
+        check_workload_id(workload, trust_domain)
+    except InvalidSpiffeIdError:
+        return None
+    return workload

@@ -1,10 +1,12 @@
-"""An agent's X509-SVID: key, certificate chain, bundle; checked on receipt and persisted privately.
+"""An agent's X509-SVIDs: key, certificate chain; checked on receipt and persisted privately.
 
 On disk, in the agent's pod-private data directory (0700):
-    svid.pem    0600  the PKCS#8 private key followed by the certificate chain. One file,
-                      replaced with one rename, so a crash can never pair a new key
-                      with an old certificate.
-    bundle.pem  0644  the trust bundle the CA last sent (public).
+    svid.pem        0600  the workload SVID: PKCS#8 private key followed by the certificate chain.
+                          One file, replaced with one rename, so a crash can never pair a
+                          new key with an old certificate.
+    agent-svid.pem  0600  the agent SVID, the same way. Used only as the client certificate
+                          of renewals; never served over SDS or the Workload API.
+    bundle.pem      0644  the trust bundle the CA last sent (public).
 """
 
 from __future__ import annotations
@@ -19,10 +21,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pki.ca import leaf_spiffe_id, serial_hex, verify_svid
+from pki.authority import fingerprint, leaf_spiffe_id, load_bundle, serial_hex, verify_svid_chain
 from pki.errors import SvidError
 
+__all__ = [
+    "AGENT_SVID_FILE",
+    "BUNDLE_FILE",
+    "SVID_FILE",
+    "Svid",
+    "load_bundle",
+    "load_persisted_svid",
+    "new_key_and_csr",
+    "save_bundle",
+    "save_svid",
+]
+
 SVID_FILE = "svid.pem"
+AGENT_SVID_FILE = "agent-svid.pem"
 BUNDLE_FILE = "bundle.pem"
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.DOTALL)
@@ -44,30 +59,16 @@ def new_key_and_csr(spiffe_id: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def load_bundle(pem: bytes, source: str) -> list[x509.Certificate]:
-    """Parse a PEM trust bundle; raise SvidError naming source if it holds no CA certificate."""
-    try:
-        roots = x509.load_pem_x509_certificates(pem)
-    except ValueError as err:
-        raise SvidError(f"{source} is not a PEM certificate bundle: {err}") from err
-    for root in roots:
-        try:
-            is_ca = root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            raise SvidError(f"{source} holds certificate serial {serial_hex(root)}, which is not a CA")
-    return roots
-
-
 @dataclass(frozen=True)
 class Svid:
-    """A verified SVID with its private key and the bundle that verifies it."""
+    """A verified SVID with its private key."""
 
     spiffe_id: str
     key: ec.EllipticCurvePrivateKey
     chain: list[x509.Certificate]
-    bundle_pem: bytes
+    # Fingerprint of the CA certificate that signed the leaf: after a CA
+    # rotation, an agent renews every SVID not signed by the new authority.
+    authority: str
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -86,8 +87,16 @@ class Svid:
         return _key_pem(self.key)
 
     @property
+    def key_der(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    @property
     def chain_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+    @property
+    def chain_der(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.chain)
 
     def is_valid(self, now: datetime | None = None) -> bool:
         return (now or datetime.now(timezone.utc)) < self.not_after
@@ -119,31 +128,53 @@ class Svid:
         if leaf.public_key() != key.public_key():
             raise SvidError(f"{source}: certificate serial {serial_hex(leaf)} does not match our private key")
         roots = load_bundle(bundle_pem, f"{source} bundle")
-        issuer = next((r for r in roots if r.subject == leaf.issuer), None)
-        if issuer is None:
-            raise SvidError(f"{source}: no root in the bundle issued certificate serial {serial_hex(leaf)}")
+        if len(chain) > 1:
+            issuer: x509.Certificate | None = chain[1]
+        else:
+            issuer = next((r for r in roots if r.subject == leaf.issuer), None)
+            if issuer is None:
+                raise SvidError(f"{source}: no root in the bundle issued certificate serial {serial_hex(leaf)}")
         trust_domain = expected_spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
         when = datetime.now(timezone.utc)
         if not check_expiry and when >= leaf.not_valid_after_utc:
             # An expired SVID is still loaded from disk, to report it and to
             # keep trying: check everything but the expiry.
             when = leaf.not_valid_before_utc
-        verify_svid(leaf, issuer, trust_domain, when)
-        return cls(spiffe_id=got_id, key=key, chain=chain, bundle_pem=bundle_pem)
+        try:
+            verify_svid_chain(chain, roots, trust_domain, when)
+        except SvidError as err:
+            raise SvidError(f"{source}: {err}") from err
+        assert issuer is not None
+        return cls(spiffe_id=got_id, key=key, chain=chain, authority=fingerprint(issuer))
 
 
-def save_svid(data_dir: Path, svid: Svid) -> None:
-    """Persist key + chain (0600) and the bundle, each replaced atomically."""
-    _atomic_write(data_dir / SVID_FILE, svid.key_pem + svid.chain_pem, 0o600)
-    _atomic_write(data_dir / BUNDLE_FILE, svid.bundle_pem, 0o644)
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
-def load_persisted_svid(data_dir: Path, spiffe_id: str) -> Svid | None:
-    """The SVID a previous run left in data_dir, even if expired; None if there is none.
+def save_svid(data_dir: Path, svid: Svid, name: str = SVID_FILE) -> None:
+    """Persist key + chain (0600), replaced atomically."""
+    _atomic_write(data_dir / name, svid.key_pem + svid.chain_pem, 0o600)
+
+
+def save_bundle(data_dir: Path, bundle_pem: bytes) -> None:
+    _atomic_write(data_dir / BUNDLE_FILE, bundle_pem, 0o644)
+
+
+def load_persisted_svid(data_dir: Path, spiffe_id: str, name: str = SVID_FILE) -> Svid | None:
+    """The SVID a previous run left in data_dir/name, even if expired; None if there is none.
 
     Raises SvidError if the files exist but do not hold a usable SVID for spiffe_id.
     """
-    path = data_dir / SVID_FILE
+    path = data_dir / name
     if not path.exists():
         return None
     data = path.read_bytes()
@@ -161,15 +192,3 @@ def load_persisted_svid(data_dir: Path, spiffe_id: str) -> Svid | None:
     if not bundle_path.exists():
         raise SvidError(f"{path} exists but {bundle_path} does not")
     return Svid.build(spiffe_id, key, b"".join(cert_blocks), bundle_path.read_bytes(), str(path), check_expiry=False)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -73,11 +73,15 @@ class Process:
 
     argv: list[str]
     log_path: Path
+    env: dict[str, str] | None = None  # added to this process's environment
     popen: subprocess.Popen[bytes] = field(init=False)
 
     def start(self) -> Process:
         with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env} if self.env else None,
+            )  # fmt: skip
         return self
 
     @property
@@ -166,8 +170,14 @@ def run_ca_server(
     ttl: str = "10s",
     log_dir: Path | None = None,
     ports: tuple[int, int] | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 15.0,
 ) -> Iterator[CaServer]:
-    """Start `python -m pki.ca_server` (on free ports unless given); wait until SERVING; stop it on exit."""
+    """Start `python -m pki.ca_server` (on free ports unless given); wait until SERVING; stop it on exit.
+
+    extra: more flags (e.g. ["--ca", "acm-pca", "--pca-create"]); env: added environment (e.g. AWS_*).
+    """
     join_port, renew_port = ports or (free_port(), free_port())
     join, renew = f"127.0.0.1:{join_port}", f"127.0.0.1:{renew_port}"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -175,14 +185,16 @@ def run_ca_server(
     argv = [
         sys.executable, "-m", "pki.ca_server",
         "--state-dir", str(state_dir), "--join-listen", join, "--renew-listen", renew, "--ttl", ttl,
+        *(extra or []),
     ]  # fmt: skip
-    server = CaServer(state_dir, join, renew, Process(argv, log_path).start())
+    server = CaServer(state_dir, join, renew, Process(argv, log_path, env).start())
     try:
-        wait_for(
-            lambda: server.health_status() == health_pb2.HealthCheckResponse.SERVING,
-            "the CA server to report SERVING",
-            logs=(log_path,),
-        )
+        def serving() -> bool:
+            if server.process.popen.poll() is not None:
+                raise AssertionError(f"the CA server exited with {server.process.popen.returncode}\n{dump_logs((log_path,))}")
+            return bool(server.health_status() == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_for(serving, "the CA server to report SERVING", timeout=timeout, logs=(log_path,))
         yield server
     finally:
         server.process.stop()

@@ -26,7 +26,7 @@ from pathlib import Path
 from pki.db import connect
 from pki.durations import parse_duration
 from pki.errors import JoinTokenError, JoinTokenIdentityError, PkiError
-from pki.spiffe_ids import DEFAULT_TRUST_DOMAIN, parse_spiffe_id
+from pki.spiffe_ids import DEFAULT_TRUST_DOMAIN, check_workload_id
 
 log = logging.getLogger("pki.tokens")
 
@@ -65,7 +65,7 @@ class JoinTokenStore:
 
         now (epoch seconds) is for tests that need a token created in the past.
         """
-        parse_spiffe_id(spiffe_id, self.trust_domain)
+        check_workload_id(spiffe_id, self.trust_domain)
         if not ttl_s > 0:
             raise JoinTokenError(f"invalid join token TTL {ttl_s!r}: must be greater than zero seconds")
         token = secrets.token_urlsafe(32)
@@ -79,6 +79,36 @@ class JoinTokenStore:
             "created join token %s for %s, expires %s", token_fingerprint(token), spiffe_id, _when(now + ttl_s)
         )
         return token
+
+    def check(self, token: str, spiffe_id_requested: str) -> None:
+        """Raise what redeem() would, without spending the token.
+
+        The CA server checks a token before it issues (an anonymous caller
+        must not make it call ACM PCA) and spends it only once issuance
+        worked, so an upstream failure never burns a single-use token.
+        """
+        if not token:
+            raise JoinTokenError("no join token given")
+        if len(token) > _MAX_TOKEN_CHARS:
+            raise JoinTokenError(f"join token is {len(token)} characters long; tokens are 43")
+        with connect(self.state_dir) as conn:
+            row = conn.execute(
+                "SELECT spiffe_id, expires_at, used_at FROM join_tokens WHERE token_sha256 = ?", (_digest(token),)
+            ).fetchone()
+        self._refuse_unless_usable(token, spiffe_id_requested, row, time.time())
+
+    @staticmethod
+    def _refuse_unless_usable(token: str, spiffe_id_requested: str, row: tuple[str, float, float | None] | None, now: float) -> None:
+        name = f"join token {token_fingerprint(token)}"
+        if row is None:
+            raise JoinTokenError(f"{name} is unknown to this CA")
+        bound_id, expires_at, used_at = row
+        if used_at is not None:
+            raise JoinTokenError(f"{name} was already used at {_when(used_at)}; tokens are single-use")
+        if expires_at <= now:
+            raise JoinTokenError(f"{name} expired at {_when(expires_at)}")
+        if bound_id != spiffe_id_requested:
+            raise JoinTokenIdentityError(f"{name} was issued for '{bound_id}', not for '{spiffe_id_requested}'")
 
     def redeem(self, token: str, spiffe_id_requested: str) -> str:
         """Spend token for spiffe_id_requested; return the SPIFFE ID it was bound to.
@@ -105,15 +135,9 @@ class JoinTokenStore:
             row = conn.execute(
                 "SELECT spiffe_id, expires_at, used_at FROM join_tokens WHERE token_sha256 = ?", (digest,)
             ).fetchone()
-        name = f"join token {token_fingerprint(token)}"
-        if row is None:
-            raise JoinTokenError(f"{name} is unknown to this CA")
-        bound_id, expires_at, used_at = row
-        if used_at is not None:
-            raise JoinTokenError(f"{name} was already used at {_when(used_at)}; tokens are single-use")
-        if expires_at <= now:
-            raise JoinTokenError(f"{name} expired at {_when(expires_at)}")
-        raise JoinTokenIdentityError(f"{name} was issued for '{bound_id}', not for '{spiffe_id_requested}'")
+        self._refuse_unless_usable(token, spiffe_id_requested, row, now)
+        # Usable a moment ago but not now: another redemption won the race.
+        raise JoinTokenError(f"join token {token_fingerprint(token)} was just used by another request; tokens are single-use")
 
 
 def create_join_token(

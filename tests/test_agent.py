@@ -7,6 +7,7 @@ agent for a pod directory, read its status file.
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -25,8 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pki import db
 from pki.agent import rotation_due_at, retry_delay
+from pki.authority import AuthorityStore, self_signed_root
 from pki.ca import LocalCA
-from pki.svid import SVID_FILE
+from pki.spiffe_ids import agent_id_for
+from pki.svid import AGENT_SVID_FILE, SVID_FILE
 from pki.testing import (
     CaServer,
     free_port,
@@ -98,6 +101,9 @@ def test_agent_bootstraps_with_a_token_and_rotates(fast_ca: CaServer, tmp_path: 
         assert first["serial"] == first["issued_serial"]
         assert first["serial"] in db.issued_serials(fast_ca.state_dir, ORDERS)
         assert first["envoy_live"] is None and first["app_serving"] is None
+        assert first["workload_api_socket"] == str(agent.sds_socket.resolve())
+        assert first["agent_spiffe_id"] == agent_id_for(ORDERS) and first["agent_serial"]
+        assert first["svid_authority"] == first["signing_authority"] == first["bundle_fingerprints"][0]
         assert 0 < first["expires_in_s"] <= 4
         assert first["not_after"] <= first["updated_at"] + 4
         assert not agent.token_file.exists(), "a spent token is deleted"
@@ -166,25 +172,32 @@ def test_restarted_agent_resumes_from_its_persisted_key_without_a_token(tmp_path
 
 
 def test_expired_and_no_token_reports_and_recovers_when_a_token_arrives(tmp_path: Path) -> None:
+    # A CA root from two hours ago, so that it can have issued SVIDs that expired an hour ago.
+    two_hours_ago = datetime.now(timezone.utc) - timedelta(hours=2)
+    AuthorityStore(
+        tmp_path / "state" / "ca" / "local", lambda key: [self_signed_root(key, "shopmesh.internal", two_hours_ago)]
+    ).load()
     with run_ca_server(tmp_path / "state", ttl="1h") as ca:
         pod = tmp_path / "orders"
         data_dir = pod / "agent"
         data_dir.mkdir(parents=True)
-        # Leave an expired SVID behind, as if the pod had been down for an hour.
+        # Leave expired SVIDs behind (workload and agent), as if the pod had
+        # been down for longer than the agent SVID lives.
         local = LocalCA.load_or_create(ca.state_dir)
-        key = ec.generate_private_key(ec.SECP256R1())
-        chain, bundle = local.issue_svid(
-            make_csr(key, ORDERS), ORDERS, timedelta(minutes=5), now=datetime.now(timezone.utc) - timedelta(hours=1)
-        )
-        (data_dir / SVID_FILE).write_bytes(key_pem(key) + chain.encode())
+        an_hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+        for name, spiffe_id in ((SVID_FILE, ORDERS), (AGENT_SVID_FILE, agent_id_for(ORDERS))):
+            key = ec.generate_private_key(ec.SECP256R1())
+            chain, bundle = local.issue_svid(make_csr(key, spiffe_id), spiffe_id, timedelta(minutes=5), now=an_hour_ago)
+            (data_dir / name).write_bytes(key_pem(key) + chain.encode())
         (data_dir / "bundle.pem").write_text(bundle)
 
         agent = start_agent(ORDERS, ca, pod)
         try:
             stuck = agent.status_where(lambda s: s["renewal_failures"] >= 2, "renewal failures to be reported")
             assert stuck["ready"] is False
-            assert stuck["expires_in_s"] < 0
-            assert "expired at" in stuck["last_error"] and "join token" in stuck["last_error"]
+            assert stuck["expires_in_s"] < 0 and stuck["agent_expires_in_s"] < 0
+            assert "agent SVID serial" in stuck["last_error"] and "expired at" in stuck["last_error"]
+            assert "join token" in stuck["last_error"]
             assert agent.process.popen.poll() is None, "the agent keeps trying instead of exiting"
 
             write_token_file(pod / "join-token", create_join_token(ca.state_dir, ORDERS))
@@ -239,60 +252,144 @@ def test_readiness_follows_the_apps_health(tmp_path: Path) -> None:
 # --- Renew refusals (row 4), straight at the CA's mTLS port -----------------
 
 
-def renew_with(ca: CaServer, key: ec.EllipticCurvePrivateKey, chain_pem: str, csr_for: str | None) -> ca_pb2.SvidResponse:
+def mint(
+    ca: CaServer, spiffe_id: str, *, now: datetime | None = None, local: LocalCA | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A key and an SVID for spiffe_id from the CA's active root (or from `local`)."""
+    signer = local or LocalCA.load_or_create(ca.state_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain, _ = signer.issue_svid(make_csr(key, spiffe_id), spiffe_id, timedelta(minutes=5), now=now)
+    return key, chain
+
+
+def renew_with(
+    ca: CaServer, key: ec.EllipticCurvePrivateKey, chain_pem: str, csr_for: str | None, method: str = "Renew"
+) -> ca_pb2.SvidResponse:
     with sync_ca_channel(ca.renew_address, ca.bundle_path.read_bytes(), key_pem(key), chain_pem.encode()) as channel:
         new_key = ec.generate_private_key(ec.SECP256R1())
-        response: ca_pb2.SvidResponse = ca_pb2_grpc.CertificateAuthorityStub(channel).Renew(
+        response: ca_pb2.SvidResponse = getattr(ca_pb2_grpc.CertificateAuthorityStub(channel), method)(
             ca_pb2.RenewRequest(csr_pem=make_csr(new_key, csr_for)), timeout=5
         )
         return response
 
 
-def test_renew_with_a_valid_svid_and_no_san_in_the_csr_gets_the_peer_identity(fast_ca: CaServer) -> None:
-    local = LocalCA.load_or_create(fast_ca.state_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    chain, _ = local.issue_svid(make_csr(key, PAYMENTS), PAYMENTS, timedelta(minutes=5))
-    response = renew_with(fast_ca, key, chain, None)
+def refused_renewal(ca: CaServer, key: ec.EllipticCurvePrivateKey, chain: str, csr_for: str | None, method: str = "Renew") -> grpc.RpcError:
+    before = db.issued_serials(ca.state_dir)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        renew_with(ca, key, chain, csr_for, method)
+    assert db.issued_serials(ca.state_dir) == before, "nothing issued"
+    return excinfo.value
+
+
+def test_an_agent_svid_renews_the_workload_its_token_was_bound_to(fast_ca: CaServer) -> None:
+    key, chain = mint(fast_ca, agent_id_for(PAYMENTS))
+    response = renew_with(fast_ca, key, chain, None)  # no SAN in the CSR: the CA takes it from the agent ID
     assert response.spiffe_id == PAYMENTS
     leaf = x509.load_pem_x509_certificate(response.cert_chain_pem.encode())
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [PAYMENTS]
+    assert renew_with(fast_ca, key, chain, agent_id_for(PAYMENTS), "RenewAgent").spiffe_id == agent_id_for(PAYMENTS)
 
 
-def test_renew_with_an_expired_certificate_is_refused(fast_ca: CaServer) -> None:
-    local = LocalCA.load_or_create(fast_ca.state_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    an_hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
-    chain, _ = local.issue_svid(make_csr(key, ORDERS), ORDERS, timedelta(minutes=5), now=an_hour_ago)
-    before = db.issued_serials(fast_ca.state_dir)
-    with pytest.raises(grpc.RpcError) as excinfo:
-        renew_with(fast_ca, key, chain, ORDERS)
+def test_renew_with_an_expired_agent_svid_is_refused(fast_ca: CaServer) -> None:
+    key, chain = mint(fast_ca, agent_id_for(ORDERS), now=datetime.now(timezone.utc) - timedelta(hours=1))
     # The TLS handshake itself fails: no RPC reaches the CA.
-    assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert db.issued_serials(fast_ca.state_dir) == before
+    assert refused_renewal(fast_ca, key, chain, ORDERS).code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_renew_with_a_certificate_from_a_foreign_ca_is_refused(fast_ca: CaServer, tmp_path: Path) -> None:
     foreign = LocalCA.load_or_create(tmp_path / "foreign")  # same trust domain name, different root
-    key = ec.generate_private_key(ec.SECP256R1())
-    chain, _ = foreign.issue_svid(make_csr(key, ORDERS), ORDERS, timedelta(minutes=5))
-    before = db.issued_serials(fast_ca.state_dir)
-    with pytest.raises(grpc.RpcError) as excinfo:
-        renew_with(fast_ca, key, chain, ORDERS)
-    assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert db.issued_serials(fast_ca.state_dir) == before
+    key, chain = mint(fast_ca, agent_id_for(ORDERS), local=foreign)
+    assert refused_renewal(fast_ca, key, chain, ORDERS).code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_renew_for_another_identity_is_refused(fast_ca: CaServer) -> None:
-    local = LocalCA.load_or_create(fast_ca.state_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    chain, _ = local.issue_svid(make_csr(key, ORDERS), ORDERS, timedelta(minutes=5))
-    before = db.issued_serials(fast_ca.state_dir)
-    with pytest.raises(grpc.RpcError) as excinfo:
-        renew_with(fast_ca, key, chain, PAYMENTS)
-    assert excinfo.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert f"identifies you as '{ORDERS}' but the CSR asks for '{PAYMENTS}'" in excinfo.value.details()
-    assert db.issued_serials(fast_ca.state_dir) == before
+    key, chain = mint(fast_ca, agent_id_for(ORDERS))
+    err = refused_renewal(fast_ca, key, chain, PAYMENTS)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert f"may renew '{ORDERS}' only" in err.details() and f"asks for '{PAYMENTS}'" in err.details()
+    err = refused_renewal(fast_ca, key, chain, agent_id_for(PAYMENTS), "RenewAgent")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("method", ["Renew", "RenewAgent"])
+def test_a_workload_svid_renews_nothing(fast_ca: CaServer, method: str) -> None:
+    """The workload key is in Envoy and the app (Workload API): it must not mint itself new certificates."""
+    key, chain = mint(fast_ca, ORDERS)
+    err = refused_renewal(fast_ca, key, chain, None, method)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert f"'{ORDERS}' is not an agent SVID" in err.details()
+
+
+# --- agent identity vs workload identity ---------------------------------------
+
+
+def test_the_agent_svid_rotates_on_its_own_schedule(tmp_path: Path) -> None:
+    with run_ca_server(tmp_path / "state", ttl="1h", extra=["--agent-ttl", "4s"]) as ca:
+        pod = tmp_path / "orders"
+        provision(ca, pod)
+        agent = start_agent(ORDERS, ca, pod)
+        try:
+            first = agent.status_where(lambda s: s["ready"], "the first SVIDs")
+            assert first["agent_spiffe_id"] == agent_id_for(ORDERS)
+            assert 0 < first["agent_expires_in_s"] <= 4
+            assert stat.S_IMODE((agent.data_dir / AGENT_SVID_FILE).stat().st_mode) == 0o600
+            later = agent.status_where(lambda s: s["agent_rotations"] >= 2, "two agent SVID rotations", timeout=20)
+            assert later["agent_serial"] != first["agent_serial"]
+            assert later["serial"] == first["serial"] and later["rotations"] == 0, "the workload SVID was left alone"
+            assert later["last_error"] is None
+            assert set(db.issued_serials(ca.state_dir, agent_id_for(ORDERS))) >= {first["agent_serial"], later["agent_serial"]}
+        finally:
+            agent.process.stop()
+
+
+def test_a_workload_svid_that_expired_during_a_ca_outage_recovers_without_a_token(tmp_path: Path) -> None:
+    """Row 22: the CA is down past the workload SVID's expiry; when it returns, the agent renews
+    with its (still valid) agent SVID. No new join token, no restart."""
+    pod = tmp_path / "orders"
+    with run_ca_server(tmp_path / "state", ttl="3s") as ca:
+        ports = ca.ports
+        provision(ca, pod)
+        agent = start_agent(ORDERS, ca, pod)
+        first = agent.status_where(lambda s: s["ready"], "the first SVID")
+    try:
+        expired = agent.status_where(
+            lambda s: s["expires_in_s"] < 0 and s["renewal_failures"] >= 1, "the workload SVID to expire", timeout=20
+        )
+        assert expired["ready"] is False and expired["agent_expires_in_s"] > 0
+        assert not agent.token_file.exists()
+        with run_ca_server(tmp_path / "state", ttl="3s", ports=ports):
+            back = agent.status_where(lambda s: s["ready"], "recovery once the CA is back")
+            assert back["serial"] != first["serial"] and back["last_error"] is None
+            assert back["agent_serial"] == first["agent_serial"], "recovered with the agent SVID it had"
+            assert db.issued_serials(ca.state_dir, ORDERS)[-1] == back["serial"]
+    finally:
+        agent.process.stop()
+
+
+def test_an_agent_whose_ca_was_replaced_joins_again_when_given_a_token(tmp_path: Path) -> None:
+    """The CA's root changed while the agent's SVIDs were still valid: the CA refuses them, and a
+    fresh join token (what `shopmesh up` writes) gets the pod back without a restart."""
+    pod = tmp_path / "orders"
+    with run_ca_server(tmp_path / "state", ttl="1h") as ca:
+        ports = ca.ports
+        provision(ca, pod)
+        agent = start_agent(ORDERS, ca, pod)
+        first = agent.status_where(lambda s: s["ready"], "the first SVIDs")
+    shutil.rmtree(tmp_path / "state" / "ca" / "local")  # a new root; same token database
+    try:
+        with run_ca_server(tmp_path / "state", ttl="1h", ports=ports) as ca:
+            agent.process.signal(signal.SIGHUP)
+            refused = agent.status_where(lambda s: s["renewal_failures"] >= 1, "the renewal to be refused")
+            assert "Renew" in refused["last_error"] and refused["ready"] is True
+            write_token_file(pod / "join-token", create_join_token(ca.state_dir, ORDERS))
+            back = agent.status_where(
+                lambda s: s["agent_serial"] != first["agent_serial"] and s["last_error"] is None, "a new join"
+            )
+            assert back["svid_authority"] == back["bundle_fingerprints"][0] != first["svid_authority"]
+            assert not agent.token_file.exists()
+    finally:
+        agent.process.stop()
 
 
 # --- flags ------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The local CA as a library: SVID conformance (ACCEPTANCE rows 1, 2, 5, 25), key storage, reload."""
+"""The local CA as a library: SVID conformance (ACCEPTANCE rows 1, 2, 5, 25, 26), key storage, rotation, reload."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
+import subprocess
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,10 +19,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from spiffe import X509Svid
 
-from pki.ca import BACKDATE, LocalCA, serial_hex
+from pki.authority import ca_profile_problems, fingerprint, svid_profile_problems, verify_svid_chain
+from pki.ca import BACKDATE, LocalCA, local_store, serial_hex
 from pki.durations import parse_duration
 from pki.errors import CaStateError, CsrError, DurationError, InvalidSpiffeIdError, SvidError
+from pki.spiffe_ids import agent_id_for, workload_id_for_agent
 from pki.testing import key_pem, make_csr
+from pki.tokens import JoinTokenStore
+from shopmesh.cli import DEFAULT_STATE_DIR
 
 ORDERS = "spiffe://shopmesh.internal/ns/shop/sa/orders"
 TTL = timedelta(minutes=5)
@@ -207,11 +213,17 @@ def test_weak_or_unsupported_keys_are_refused(ca: LocalCA, weak_key: Callable[[]
         ca.issue_svid(csr.public_bytes(serialization.Encoding.PEM), ORDERS, TTL)
 
 
+def _key_files(state_dir: Path) -> list[Path]:
+    return sorted((state_dir / "ca" / "local").glob("*/key.pem"))
+
+
 def test_root_key_is_private_and_reload_gives_the_same_root(tmp_path: Path) -> None:
     first = LocalCA.load_or_create(tmp_path)
-    key_path = tmp_path / "ca" / "root.key"
+    [key_path] = _key_files(tmp_path)
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "ca").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "ca" / "local").stat().st_mode) == 0o700
+    assert stat.S_IMODE(key_path.parent.stat().st_mode) == 0o700
     assert b"PRIVATE KEY" not in (tmp_path / "ca" / "root.pem").read_bytes()
 
     second = LocalCA.load_or_create(tmp_path)
@@ -225,7 +237,7 @@ def test_root_key_is_private_and_reload_gives_the_same_root(tmp_path: Path) -> N
 
 def test_a_readable_root_key_is_refused(tmp_path: Path) -> None:
     LocalCA.load_or_create(tmp_path)
-    key_path = tmp_path / "ca" / "root.key"
+    [key_path] = _key_files(tmp_path)
     os.chmod(key_path, 0o644)
     with pytest.raises(CaStateError, match="mode 0644"):
         LocalCA.load_or_create(tmp_path)
@@ -233,9 +245,145 @@ def test_a_readable_root_key_is_refused(tmp_path: Path) -> None:
 
 def test_a_root_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
     LocalCA.load_or_create(tmp_path)
-    (tmp_path / "ca" / "root.key").unlink()
-    with pytest.raises(CaStateError, match="root.key does not"):
+    [key_path] = _key_files(tmp_path)
+    key_path.unlink()
+    with pytest.raises(CaStateError, match="has no key"):
         LocalCA.load_or_create(tmp_path)
+
+
+# --- row 1 for what we sign, and the CA certificates ------------------------------------
+
+
+def test_issued_svids_pass_the_profile_check_and_py_spiffe(ca: LocalCA, key: ec.EllipticCurvePrivateKey) -> None:
+    chain_pem, _ = ca.issue_svid(make_csr(key, ORDERS), ORDERS, TTL)
+    leaf = x509.load_pem_x509_certificate(chain_pem.encode())
+    assert svid_profile_problems(leaf) == []
+    assert ca_profile_problems(ca.root_cert) == []
+    svid = X509Svid.parse(chain_pem.encode(), key_pem(key))
+    assert str(svid.spiffe_id) == ORDERS
+
+
+def test_the_profile_check_names_each_defect(ca: LocalCA) -> None:
+    """A certificate that is a CA, lacks key usage and has two names fails, saying why."""
+    assert "is a CA certificate (basicConstraints cA=true)" in svid_profile_problems(ca.root_cert)
+    k = ec.generate_private_key(ec.SECP256R1())
+    no_usage = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.root_cert.subject)
+        .public_key(k.public_key())
+        .serial_number(7)
+        .not_valid_before(datetime.now(timezone.utc))
+        .not_valid_after(datetime.now(timezone.utc) + TTL)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ORDERS), x509.DNSName("orders")]), critical=True
+        )
+        .sign(ca.root_key, hashes.SHA256())
+    )
+    problems = svid_profile_problems(no_usage)
+    assert "has 1 URI SAN(s) among 2 name(s); an SVID has exactly one, a URI" in problems
+    assert "has no basicConstraints" in problems and "has no keyUsage" in problems
+    assert "has no extendedKeyUsage" in problems
+    assert ca_profile_problems(no_usage) == ["has no basicConstraints", "has no keyUsage"]
+
+
+# --- CA rotation, as a library (row 26) ----------------------------------------------
+
+
+def test_rotation_prepares_then_switches_then_retires(tmp_path: Path) -> None:
+    store = local_store(tmp_path)
+    old = store.load()
+    key = ec.generate_private_key(ec.SECP256R1())
+    old_leaf = old.active.sign_svid(key.public_key(), ORDERS, TTL)
+
+    prepared = store.prepare()
+    assert prepared.active.fingerprint == old.active.fingerprint, "prepare does not switch issuance"
+    assert prepared.prepared is not None
+    assert [fingerprint(c) for c in prepared.bundle()] == [old.active.fingerprint, prepared.prepared.fingerprint]
+    again = store.prepare()
+    assert again.prepared is not None and again.prepared.fingerprint == prepared.prepared.fingerprint, "prepare is idempotent"
+
+    activated = store.activate()
+    assert activated.active.fingerprint == prepared.prepared.fingerprint
+    assert [a.fingerprint for a in activated.retiring] == [old.active.fingerprint]
+    assert not (tmp_path / "ca" / "local" / old.active.id / "key.pem").exists(), "the old key is destroyed"
+    new_leaf = activated.active.sign_svid(key.public_key(), ORDERS, TTL)
+    # Overlap: leaves of both CAs verify against the bundle.
+    for leaf in (old_leaf, new_leaf):
+        assert verify_svid_chain([leaf], activated.bundle(), "shopmesh.internal") == ORDERS
+    with pytest.raises(CaStateError, match="no longer signs"):
+        activated.retiring[0].sign_svid(key.public_key(), ORDERS, TTL)
+
+    retired = store.retire()
+    assert [fingerprint(c) for c in retired.bundle()] == [activated.active.fingerprint]
+    assert verify_svid_chain([new_leaf], retired.bundle(), "shopmesh.internal") == ORDERS
+    with pytest.raises(SvidError, match="does not chain to the trust bundle"):
+        verify_svid_chain([old_leaf], retired.bundle(), "shopmesh.internal")
+    # LocalCA (what tests use to mint certificates) follows the active root.
+    assert LocalCA.load_or_create(tmp_path).root_cert == retired.active.cert
+
+
+def test_rotation_steps_out_of_order_are_refused(tmp_path: Path) -> None:
+    store = local_store(tmp_path)
+    store.load()
+    with pytest.raises(CaStateError, match="no prepared authority to activate"):
+        store.activate()
+    with pytest.raises(CaStateError, match="no retiring authority"):
+        store.retire()
+
+
+# --- agent identities -----------------------------------------------------------------
+
+
+def test_agent_ids_map_to_exactly_one_workload() -> None:
+    agent = agent_id_for(ORDERS)
+    assert agent == "spiffe://shopmesh.internal/shopmesh/agent/ns/shop/sa/orders"
+    assert workload_id_for_agent(agent) == ORDERS
+    assert workload_id_for_agent(ORDERS) is None, "a workload SVID is not an agent SVID"
+    assert workload_id_for_agent("spiffe://shopmesh.internal/shopmesh/ca-server") is None
+    assert workload_id_for_agent("spiffe://shopmesh.internal/shopmesh/agent/shopmesh/agent/x") is None
+
+
+@pytest.mark.parametrize(
+    "spiffe_id",
+    ["spiffe://shopmesh.internal/shopmesh/agent/ns/shop/sa/orders", "spiffe://shopmesh.internal/shopmesh/ca-server"],
+)
+def test_control_plane_ids_are_reserved(tmp_path: Path, spiffe_id: str) -> None:
+    with pytest.raises(InvalidSpiffeIdError, match="reserved for the mesh's control plane"):
+        JoinTokenStore(tmp_path).create_join_token(spiffe_id)
+
+
+# --- row 5: keys never under version control -------------------------------------------
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_no_private_key_is_under_version_control() -> None:
+    listed = _git("ls-files", "-z")
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    offenders = []
+    for name in filter(None, listed.stdout.split("\0")):
+        path = REPO / name
+        if path.is_file() and b"PRIVATE KEY-----" in path.read_bytes():
+            offenders.append(name)
+    # This file and the modules that write keys name the marker in code, not as a key.
+    assert [o for o in offenders if not o.endswith(".py") and not o.endswith(".md")] == []
+    for name in offenders:
+        assert re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\s*\n[A-Za-z0-9+/=]{40,}", (REPO / name).read_bytes()) is None, name
+
+
+def test_the_state_directory_is_ignored_by_git() -> None:
+    if _git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        pytest.skip("not a git checkout")
+    assert DEFAULT_STATE_DIR.name == ".state"
+    for path in (".state/ca/local/0123456789abcdef/key.pem", ".state/pods/orders/agent/svid.pem", ".state/ca/ca.db"):
+        assert _git("check-ignore", "-q", path).returncode == 0, f"{path} would not be ignored by git"
 
 
 def test_an_expired_svid_is_refused_by_verify(ca: LocalCA, key: ec.EllipticCurvePrivateKey) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pki import db
@@ -22,6 +24,7 @@ Stub = ca_pb2_grpc.CertificateAuthorityStub
 
 ORDERS = "spiffe://shopmesh.internal/ns/shop/sa/orders"
 PAYMENTS = "spiffe://shopmesh.internal/ns/shop/sa/payments"
+SEARCH = "spiffe://shopmesh.internal/ns/shop/sa/search"
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +46,23 @@ def stub(ca: CaServer) -> Iterator[Stub]:
 
 
 def join(
-    stub: Stub, token: str, spiffe_id: str, csr: str | None = None
+    stub: Stub, token: str, spiffe_id: str, csr: str | None = None, agent_csr: str | None = None
 ) -> ca_pb2.SvidResponse:
     key = ec.generate_private_key(ec.SECP256R1())
-    request = ca_pb2.JoinRequest(join_token=token, spiffe_id=spiffe_id, csr_pem=csr or make_csr(key, spiffe_id))
+    agent_key = ec.generate_private_key(ec.SECP256R1())
+    request = ca_pb2.JoinRequest(
+        join_token=token,
+        spiffe_id=spiffe_id,
+        csr_pem=csr or make_csr(key, spiffe_id),
+        agent_csr_pem=make_csr(agent_key, None) if agent_csr is None else agent_csr,
+    )
     response: ca_pb2.SvidResponse = stub.Join(request, timeout=5)
     return response
 
 
-def refused(stub: Stub, token: str, spiffe_id: str, csr: str | None = None) -> grpc.RpcError:
+def refused(stub: Stub, token: str, spiffe_id: str, csr: str | None = None, agent_csr: str | None = None) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as excinfo:
-        join(stub, token, spiffe_id, csr)
+        join(stub, token, spiffe_id, csr, agent_csr)
     return excinfo.value
 
 
@@ -134,12 +143,60 @@ def test_a_malformed_spiffe_id_is_refused_before_the_token_is_looked_at(ca: CaSe
     assert err.details().startswith(f"invalid SPIFFE ID '{bad}'")
 
 
-def test_the_ca_server_identity_cannot_be_joined(ca: CaServer, tokens: JoinTokenStore, stub: Stub) -> None:
-    reserved = "spiffe://shopmesh.internal/shopmesh/ca-server"
-    err = refused(stub, tokens.create_join_token(reserved), reserved)
+@pytest.mark.parametrize(
+    "reserved",
+    ["spiffe://shopmesh.internal/shopmesh/ca-server", "spiffe://shopmesh.internal/shopmesh/agent/ns/shop/sa/orders"],
+    ids=["ca-server", "agent"],
+)
+def test_control_plane_identities_cannot_be_joined(ca: CaServer, tokens: JoinTokenStore, stub: Stub, reserved: str) -> None:
+    token = tokens.create_join_token(ORDERS)
+    before = issued(ca, reserved)
+    err = refused(stub, token, reserved)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "reserved for the CA server" in err.details()
-    assert issued(ca, reserved) == []
+    assert "reserved for the mesh's control plane" in err.details()
+    assert issued(ca, reserved) == before
+    join(stub, token, ORDERS)  # not spent
+
+
+def test_join_hands_out_a_workload_svid_and_an_agent_svid(ca: CaServer, tokens: JoinTokenStore, stub: Stub) -> None:
+    response = join(stub, tokens.create_join_token(SEARCH), SEARCH)
+    agent_id = "spiffe://shopmesh.internal/shopmesh/agent/ns/shop/sa/search"
+    assert response.agent_spiffe_id == agent_id
+    workload = x509.load_pem_x509_certificate(response.cert_chain_pem.encode())
+    agent = x509.load_pem_x509_certificate(response.agent_cert_chain_pem.encode())
+    assert agent.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    ) == [agent_id]
+    assert agent.public_key() != workload.public_key()
+    # The agent SVID outlives the workload SVID (TTL 1m here): max(1h, 30 × TTL).
+    agent_life = agent.not_valid_after_utc - agent.not_valid_before_utc
+    assert agent_life >= timedelta(hours=1)
+    assert issued(ca, agent_id)[-1] == response.agent_serial
+    assert issued(ca, SEARCH)[-1] == response.serial
+
+
+def test_join_without_an_agent_csr_is_refused_and_the_token_kept(ca: CaServer, tokens: JoinTokenStore, stub: Stub) -> None:
+    token = tokens.create_join_token(ORDERS)
+    err = refused(stub, token, ORDERS, agent_csr="")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Join needs agent_csr_pem" in err.details()
+    key = ec.generate_private_key(ec.SECP256R1())
+    err = refused(stub, token, ORDERS, csr=make_csr(key, ORDERS), agent_csr=make_csr(key, None))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "same key" in err.details()
+    err = refused(stub, token, ORDERS, agent_csr=make_csr(key, PAYMENTS))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "CSR asks for" in err.details()
+    join(stub, token, ORDERS)
+
+
+def test_watch_bundle_starts_with_the_current_bundle(ca: CaServer, stub: Stub) -> None:
+    stream = stub.WatchBundle(ca_pb2.GetBundleRequest(), timeout=5)
+    first = next(stream)
+    stream.cancel()
+    current = stub.GetBundle(ca_pb2.GetBundleRequest(), timeout=5)
+    assert first.bundle_pem == current.bundle_pem == ca.bundle_path.read_text()
+    root = x509.load_pem_x509_certificate(first.bundle_pem.encode())
+    assert first.signing_authority == root.fingerprint(hashes.SHA256()).hex()
 
 
 def test_concurrent_redemptions_of_one_token_issue_once(ca: CaServer, tokens: JoinTokenStore) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shopmesh/ca/v1/ca.proto\x12\x0eshopmesh.ca.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\x0bJoinRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x8c\x01\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x02 \x01(\t\x12\x12\n\nbundle_pem\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06serial\x18\x05 \x01(\t\"\x12\n\x10GetBundleRequest\"\'\n\x11GetBundleResponse\x12\x12\n\nbundle_pem\x18\x01 \x01(\t2\xf0\x01\n\x14\x43\x65rtificateAuthority\x12\x41\n\x04Join\x12\x1b.shopmesh.ca.v1.JoinRequest\x1a\x1c.shopmesh.ca.v1.SvidResponse\x12\x43\n\x05Renew\x12\x1c.shopmesh.ca.v1.RenewRequest\x1a\x1c.shopmesh.ca.v1.SvidResponse\x12P\n\tGetBundle\x12 .shopmesh.ca.v1.GetBundleRequest\x1a!.shopmesh.ca.v1.GetBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shopmesh/ca/v1/ca.proto\x12\x0eshopmesh.ca.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0bJoinRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x15\n\ragent_csr_pem\x18\x04 \x01(\t\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\xd9\x01\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x02 \x01(\t\x12\x12\n\nbundle_pem\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x17\n\x0f\x61gent_spiffe_id\x18\x06 \x01(\t\x12\x1c\n\x14\x61gent_cert_chain_pem\x18\x07 \x01(\t\x12\x14\n\x0c\x61gent_serial\x18\x08 \x01(\t\"\x12\n\x10GetBundleRequest\"B\n\x11GetBundleResponse\x12\x12\n\nbundle_pem\x18\x01 \x01(\t\x12\x19\n\x11signing_authority\x18\x02 \x01(\t\"\x17\n\x15GetAuthoritiesRequest\"\x90\x01\n\tAuthority\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18trust_anchor_fingerprint\x18\x05 \x01(\t\"\x8e\x01\n\x13\x41uthoritiesResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12.\n\x0b\x61uthorities\x18\x02 \x03(\x0b\x32\x19.shopmesh.ca.v1.Authority\x12\x1b\n\x13\x62undle_fingerprints\x18\x03 \x03(\t\x12\x19\n\x11signing_authority\x18\x04 \x01(\t2\x90\x03\n\x14\x43\x65rtificateAuthority\x12\x41\n\x04Join\x12\x1b.shopmesh.ca.v1.JoinRequest\x1a\x1c.shopmesh.ca.v1.SvidResponse\x12\x43\n\x05Renew\x12\x1c.shopmesh.ca.v1.RenewRequest\x1a\x1c.shopmesh.ca.v1.SvidResponse\x12H\n\nRenewAgent\x12\x1c.shopmesh.ca.v1.RenewRequest\x1a\x1c.shopmesh.ca.v1.SvidResponse\x12P\n\tGetBundle\x12 .shopmesh.ca.v1.GetBundleRequest\x1a!.shopmesh.ca.v1.GetBundleResponse\x12T\n\x0bWatchBundle\x12 .shopmesh.ca.v1.GetBundleRequest\x1a!.shopmesh.ca.v1.GetBundleResponse0\x01\x32\x89\x03\n\x07\x43\x61\x41\x64min\x12\\\n\x0eGetAuthorities\x12%.shopmesh.ca.v1.GetAuthoritiesRequest\x1a#.shopmesh.ca.v1.AuthoritiesResponse\x12^\n\x10PrepareAuthority\x12%.shopmesh.ca.v1.GetAuthoritiesRequest\x1a#.shopmesh.ca.v1.AuthoritiesResponse\x12_\n\x11\x41\x63tivateAuthority\x12%.shopmesh.ca.v1.GetAuthoritiesRequest\x1a#.shopmesh.ca.v1.AuthoritiesResponse\x12_\n\x11RetireAuthorities\x12%.shopmesh.ca.v1.GetAuthoritiesRequest\x1a#.shopmesh.ca.v1.AuthoritiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shopmesh.ca.v1.ca_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=76
-  _globals['_JOINREQUEST']._serialized_end=145
-  _globals['_RENEWREQUEST']._serialized_start=147
-  _globals['_RENEWREQUEST']._serialized_end=178
-  _globals['_SVIDRESPONSE']._serialized_start=181
-  _globals['_SVIDRESPONSE']._serialized_end=321
-  _globals['_GETBUNDLEREQUEST']._serialized_start=323
-  _globals['_GETBUNDLEREQUEST']._serialized_end=341
-  _globals['_GETBUNDLERESPONSE']._serialized_start=343
-  _globals['_GETBUNDLERESPONSE']._serialized_end=382
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=385
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=625
+  _globals['_JOINREQUEST']._serialized_end=168
+  _globals['_RENEWREQUEST']._serialized_start=170
+  _globals['_RENEWREQUEST']._serialized_end=201
+  _globals['_SVIDRESPONSE']._serialized_start=204
+  _globals['_SVIDRESPONSE']._serialized_end=421
+  _globals['_GETBUNDLEREQUEST']._serialized_start=423
+  _globals['_GETBUNDLEREQUEST']._serialized_end=441
+  _globals['_GETBUNDLERESPONSE']._serialized_start=443
+  _globals['_GETBUNDLERESPONSE']._serialized_end=509
+  _globals['_GETAUTHORITIESREQUEST']._serialized_start=511
+  _globals['_GETAUTHORITIESREQUEST']._serialized_end=534
+  _globals['_AUTHORITY']._serialized_start=537
+  _globals['_AUTHORITY']._serialized_end=681
+  _globals['_AUTHORITIESRESPONSE']._serialized_start=684
+  _globals['_AUTHORITIESRESPONSE']._serialized_end=826
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=829
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1229
+  _globals['_CAADMIN']._serialized_start=1232
+  _globals['_CAADMIN']._serialized_end=1625
 # @@protoc_insertion_point(module_scope)

@@ -44,8 +44,18 @@ class CertificateAuthorityStub:
                 request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.RenewRequest.SerializeToString,
                 response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.SvidResponse.FromString,
                 _registered_method=True)
+        self.RenewAgent = channel.unary_unary(
+                '/shopmesh.ca.v1.CertificateAuthority/RenewAgent',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.RenewRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.SvidResponse.FromString,
+                _registered_method=True)
         self.GetBundle = channel.unary_unary(
                 '/shopmesh.ca.v1.CertificateAuthority/GetBundle',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.FromString,
+                _registered_method=True)
+        self.WatchBundle = channel.unary_stream(
+                '/shopmesh.ca.v1.CertificateAuthority/WatchBundle',
                 request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.SerializeToString,
                 response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.FromString,
                 _registered_method=True)
@@ -55,19 +65,27 @@ class CertificateAuthorityServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Bootstrap: trade a one-time join token bound to `spiffe_id` for an SVID.
-        A used, expired, unknown or mismatched token is PERMISSION_DENIED; a bad
-        SPIFFE ID or CSR is INVALID_ARGUMENT. Nothing is issued in either case.
+        """Bootstrap: trade a one-time join token bound to `spiffe_id` for a
+        workload SVID and an agent SVID. A used, expired or unknown token is
+        UNAUTHENTICATED, one bound to another identity PERMISSION_DENIED; a bad
+        SPIFFE ID or CSR is INVALID_ARGUMENT. Nothing is issued in any of these.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Renew(self, request, context):
-        """Rotation: the caller authenticates with its current, unexpired SVID and
-        gets a new one for the same SPIFFE ID. A CSR naming another identity is
-        PERMISSION_DENIED; a client certificate this CA did not issue, or one that
-        expired, never gets past the TLS handshake (UNAVAILABLE on the client).
+        """Rotation of the workload SVID, authenticated by the agent SVID. A client
+        certificate that is not an agent SVID, or a CSR naming another identity,
+        is PERMISSION_DENIED; an expired or foreign client certificate never gets
+        past the TLS handshake (UNAVAILABLE on the client).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewAgent(self, request, context):
+        """Rotation of the agent SVID itself, authenticated by the current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +93,14 @@ class CertificateAuthorityServicer:
 
     def GetBundle(self, request, context):
         """The trust bundle (PEM roots) that verifies every SVID of the trust domain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBundle(self, request, context):
+        """The trust bundle now and after every change (CA rotation): agents keep
+        this stream open and push each new bundle to Envoy over SDS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,8 +119,18 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.RenewRequest.FromString,
                     response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.SvidResponse.SerializeToString,
             ),
+            'RenewAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewAgent,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.RenewRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.SvidResponse.SerializeToString,
+            ),
             'GetBundle': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBundle,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.SerializeToString,
+            ),
+            'WatchBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBundle,
                     request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.FromString,
                     response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.SerializeToString,
             ),
@@ -164,6 +200,33 @@ class CertificateAuthority:
             _registered_method=True)
 
     @staticmethod
+    def RenewAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shopmesh.ca.v1.CertificateAuthority/RenewAgent',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.RenewRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.SvidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetBundle(request,
             target,
             options=(),
@@ -180,6 +243,248 @@ class CertificateAuthority:
             '/shopmesh.ca.v1.CertificateAuthority/GetBundle',
             shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.SerializeToString,
             shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shopmesh.ca.v1.CertificateAuthority/WatchBundle',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CaAdminStub:
+    """Local administration of the CA's signing authorities, served only on a Unix
+    socket in the CA's state directory (mode 0600): whoever can open it can
+    rotate the CA, as with SPIRE's `spire-server localauthority x509`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetAuthorities = channel.unary_unary(
+                '/shopmesh.ca.v1.CaAdmin/GetAuthorities',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+                _registered_method=True)
+        self.PrepareAuthority = channel.unary_unary(
+                '/shopmesh.ca.v1.CaAdmin/PrepareAuthority',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+                _registered_method=True)
+        self.ActivateAuthority = channel.unary_unary(
+                '/shopmesh.ca.v1.CaAdmin/ActivateAuthority',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+                _registered_method=True)
+        self.RetireAuthorities = channel.unary_unary(
+                '/shopmesh.ca.v1.CaAdmin/RetireAuthorities',
+                request_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+                response_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+                _registered_method=True)
+
+
+class CaAdminServicer:
+    """Local administration of the CA's signing authorities, served only on a Unix
+    socket in the CA's state directory (mode 0600): whoever can open it can
+    rotate the CA, as with SPIRE's `spire-server localauthority x509`.
+    """
+
+    def GetAuthorities(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareAuthority(self, request, context):
+        """Create the next authority and publish its root in the bundle; it signs
+        nothing yet. Returns the existing one if an authority is already prepared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateAuthority(self, request, context):
+        """Switch issuance to the prepared authority. The old one stops signing (its
+        key is destroyed) but stays in the bundle until RetireAuthorities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireAuthorities(self, request, context):
+        """Remove every authority that no longer signs from the bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CaAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetAuthorities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuthorities,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.SerializeToString,
+            ),
+            'PrepareAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareAuthority,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.SerializeToString,
+            ),
+            'ActivateAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateAuthority,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.SerializeToString,
+            ),
+            'RetireAuthorities': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireAuthorities,
+                    request_deserializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.FromString,
+                    response_serializer=shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shopmesh.ca.v1.CaAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shopmesh.ca.v1.CaAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CaAdmin:
+    """Local administration of the CA's signing authorities, served only on a Unix
+    socket in the CA's state directory (mode 0600): whoever can open it can
+    rotate the CA, as with SPIRE's `spire-server localauthority x509`.
+    """
+
+    @staticmethod
+    def GetAuthorities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shopmesh.ca.v1.CaAdmin/GetAuthorities',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shopmesh.ca.v1.CaAdmin/PrepareAuthority',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shopmesh.ca.v1.CaAdmin/ActivateAuthority',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireAuthorities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shopmesh.ca.v1.CaAdmin/RetireAuthorities',
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.GetAuthoritiesRequest.SerializeToString,
+            shopmesh_dot_ca_dot_v1_dot_ca__pb2.AuthoritiesResponse.FromString,
             options,
             channel_credentials,
             insecure,
