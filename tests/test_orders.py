@@ -32,6 +32,7 @@ from _services import (
 
 from services.orders.server import SERVICE_NAME, Upstreams
 from services.orders.storage import DB_NAME as ORDERS_DB
+from services.payments.audit import AuditLog
 from services.payments.server import PaymentsServicer
 from services.payments.storage import DB_NAME as PAYMENTS_DB
 from services.payments.keys import LocalCardKeyProvider
@@ -139,7 +140,8 @@ def test_place_order_is_idempotent(tmp_path: Path) -> None:
             for different in (
                 place(token, "k1", ("sku-0003", 2)),
                 place(token, "k1", ("sku-0004", 1)),
-                place(await s.token(), "k1", ("sku-0003", 1)),
+                # Another card: the same card would get the same token back.
+                place(await s.token("5555555555554444"), "k1", ("sku-0003", 1)),
             ):
                 details = await expect_status(s.orders.PlaceOrder(different), grpc.StatusCode.FAILED_PRECONDITION)
                 assert f"idempotency_key 'k1' was already used for a different order ({first.order_id})" in details
@@ -337,9 +339,10 @@ def test_payments_down_leaves_the_order_pending_and_a_retry_pays_it_once(tmp_pat
     run(body())
 
 
-def real_payments(data_dir: Path) -> tuple[PaymentsStore, CardVault]:
+def real_payments(data_dir: Path) -> tuple[PaymentsStore, CardVault, AuditLog]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    return PaymentsStore.in_data_dir(data_dir), CardVault(LocalCardKeyProvider.in_data_dir(data_dir))
+    audit = AuditLog.in_data_dir(data_dir)
+    return PaymentsStore.in_data_dir(data_dir), CardVault(LocalCardKeyProvider.in_data_dir(data_dir), audit=audit), audit
 
 
 class SlowToAnswerPayments(PaymentsServicer):

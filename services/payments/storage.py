@@ -2,13 +2,23 @@
 
 What is stored in clear is what PCI DSS allows to be shown: brand, last four
 digits, expiry. The card number exists only as an AWS Encryption SDK message
-(`cards.ciphertext`); the CVV is never stored.
+(`cards.ciphertext`) and as a keyed fingerprint (`cards.fingerprint`, an
+HMAC-SHA-256 under a key that is itself stored wrapped, in `wrapped_keys`);
+the CVV is never stored.
 
 Idempotency is enforced by the database, not by the code in front of it:
-`charges.idempotency_key` and `refunds.idempotency_key` are UNIQUE, a charge
-is inserted with ON CONFLICT DO NOTHING (the loser of a race reads the
-winner's row), and a refund's checks and writes run in one IMMEDIATE
-transaction, so two refunds can never both spend the same balance.
+`charges.idempotency_key` and `refunds.idempotency_key` are UNIQUE, and a
+refund's checks and writes run in one IMMEDIATE transaction, so two refunds
+can never both spend the same balance. A charge is written in two steps
+around the call to the card processor: first an intent
+(`charge_intents`, keyed by the idempotency key, holding the charge id and
+the request), then, in one transaction, the final charge replaces the
+intent. An intent left behind by a crash is resumed by the next request with
+the same key: the processor deduplicates on the same key, so the card is
+authorized once, and the charge keeps the id the intent gave it.
+
+`rewrap_runs` records the progress of `shopmesh payments rewrap`, so an
+interrupted run resumes where it stopped.
 
 Every method opens its own connection: the servicer calls them from worker
 threads (asyncio.to_thread), and SQLite connections are not shared across
@@ -41,8 +51,33 @@ CREATE TABLE IF NOT EXISTS cards (
     exp_month INTEGER NOT NULL,
     exp_year INTEGER NOT NULL,
     ciphertext BLOB NOT NULL,          -- AWS Encryption SDK message; the only copy of the number
-    key_provider TEXT NOT NULL,        -- which wrapping key sealed it (for rotation / KMS migration)
+    key_provider TEXT NOT NULL,        -- the wrapping key that sealed it ("local:…", "aws-kms:arn…")
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    fingerprint TEXT                   -- HMAC-SHA-256 of the number (fingerprint.py): same card, same token
+);
+CREATE TABLE IF NOT EXISTS charge_intents (
+    idempotency_key TEXT PRIMARY KEY,
+    charge_id TEXT NOT NULL UNIQUE,
+    token TEXT NOT NULL REFERENCES cards (token),
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    currency TEXT NOT NULL,
+    description TEXT NOT NULL,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS wrapped_keys (
+    name TEXT PRIMARY KEY,
+    ciphertext BLOB NOT NULL,          -- AWS Encryption SDK message holding the key
+    key_provider TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS rewrap_runs (
+    run_id TEXT PRIMARY KEY,
+    target_key TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    last_token TEXT NOT NULL DEFAULT '',
+    started_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    finished_at TEXT
 );
 CREATE TABLE IF NOT EXISTS charges (
     charge_id TEXT PRIMARY KEY,
@@ -104,6 +139,29 @@ class StoredCard:
 
 
 @dataclass(frozen=True)
+class ChargeIntent:
+    """A charge being made: stored before the processor is called."""
+
+    charge_id: str
+    idempotency_key: str
+    token: str
+    amount_minor: int
+    currency: str
+    description: str
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
+class RewrapRun:
+    run_id: str
+    target_key: str
+    total: int
+    done: int
+    last_token: str
+    finished_at: str | None = None
+
+
+@dataclass(frozen=True)
 class ChargeRecord:
     charge_id: str
     idempotency_key: str
@@ -134,6 +192,8 @@ _CHARGE_COLUMNS = (
     "decline_reason, refunded_minor, brand, last4, processor, created_at"
 )
 _REFUND_COLUMNS = "refund_id, idempotency_key, charge_id, amount_minor, created_at"
+_INTENT_COLUMNS = "charge_id, idempotency_key, token, amount_minor, currency, description, created_at"
+_CARD_COLUMNS = "token, brand, last4, exp_month, exp_year, ciphertext, key_provider"
 
 
 def _charge(row: sqlite3.Row) -> ChargeRecord:
@@ -144,6 +204,30 @@ def _refund(row: sqlite3.Row) -> RefundRecord:
     return RefundRecord(**{key: row[key] for key in row.keys()})
 
 
+def _intent(row: sqlite3.Row) -> ChargeIntent:
+    return ChargeIntent(**{key: row[key] for key in row.keys()})
+
+
+def _stored_card(row: sqlite3.Row) -> StoredCard:
+    card = CardOnFile(
+        token=row["token"],
+        brand=row["brand"],
+        last4=row["last4"],
+        exp_month=row["exp_month"],
+        exp_year=row["exp_year"],
+    )
+    return StoredCard(card=card, ciphertext=bytes(row["ciphertext"]), key_provider=row["key_provider"])
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an earlier version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(cards)")}
+    if "fingerprint" not in columns:
+        conn.execute("ALTER TABLE cards ADD COLUMN fingerprint TEXT")
+    # NULLs (cards stored before fingerprints existed) do not collide.
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS cards_fingerprint ON cards (fingerprint)")
+
+
 class PaymentsStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -151,6 +235,7 @@ class PaymentsStore:
             # WAL is persistent in the file: set once, applies to every later connection.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
 
     @classmethod
     def in_data_dir(cls, data_dir: Path) -> PaymentsStore:
@@ -170,30 +255,149 @@ class PaymentsStore:
 
     # --- cards ---------------------------------------------------------------
 
-    def insert_card(self, card: CardOnFile, ciphertext: bytes, key_provider: str) -> None:
-        with self._connect() as conn:
-            conn.execute(
-                "INSERT INTO cards (token, brand, last4, exp_month, exp_year, ciphertext, key_provider) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (card.token, card.brand, card.last4, card.exp_month, card.exp_year, ciphertext, key_provider),
+    def insert_card(
+        self, card: CardOnFile, ciphertext: bytes, key_provider: str, fingerprint: str | None = None
+    ) -> tuple[StoredCard, bool]:
+        """Store a card unless one with the same fingerprint exists.
+
+        Returns the stored card for that fingerprint and whether it is ours
+        (False: the same card was tokenized first, maybe concurrently; its
+        token wins, and the expiry just given replaces the stored one).
+        """
+        with self._connect() as conn, _immediate(conn):
+            cursor = conn.execute(
+                "INSERT INTO cards (token, brand, last4, exp_month, exp_year, ciphertext, key_provider, fingerprint) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+                (card.token, card.brand, card.last4, card.exp_month, card.exp_year, ciphertext, key_provider, fingerprint),
             )
+            if cursor.rowcount == 1:
+                row = conn.execute(f"SELECT {_CARD_COLUMNS} FROM cards WHERE token = ?", (card.token,)).fetchone()
+                return _stored_card(row), True
+            conn.execute(
+                "UPDATE cards SET exp_month = ?, exp_year = ? WHERE fingerprint = ?",
+                (card.exp_month, card.exp_year, fingerprint),
+            )
+            row = conn.execute(f"SELECT {_CARD_COLUMNS} FROM cards WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            return _stored_card(row), False
+
+    def card_by_fingerprint(self, fingerprint: str) -> StoredCard | None:
+        with self._connect() as conn:
+            row = conn.execute(f"SELECT {_CARD_COLUMNS} FROM cards WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return None if row is None else _stored_card(row)
+
+    def update_expiry(self, token: str, exp_month: int, exp_year: int) -> None:
+        with self._connect() as conn:
+            conn.execute("UPDATE cards SET exp_month = ?, exp_year = ? WHERE token = ?", (exp_month, exp_year, token))
 
     def get_card(self, token: str) -> StoredCard | None:
         with self._connect() as conn:
+            row = conn.execute(f"SELECT {_CARD_COLUMNS} FROM cards WHERE token = ?", (token,)).fetchone()
+        return None if row is None else _stored_card(row)
+
+    def count_cards(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute("SELECT count(*) FROM cards").fetchone()[0])
+
+    def cards_after(self, token: str, limit: int) -> list[tuple[StoredCard, str | None]]:
+        """Cards in token order after `token`, with their fingerprints (for rewrap)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"SELECT {_CARD_COLUMNS}, fingerprint FROM cards WHERE token > ? ORDER BY token LIMIT ?", (token, limit)
+            ).fetchall()
+        return [(_stored_card(row), row["fingerprint"]) for row in rows]
+
+    # --- wrapped keys ----------------------------------------------------------
+
+    def get_wrapped_key(self, name: str) -> tuple[bytes, str] | None:
+        with self._connect() as conn:
+            row = conn.execute("SELECT ciphertext, key_provider FROM wrapped_keys WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (bytes(row["ciphertext"]), row["key_provider"])
+
+    def insert_wrapped_key(self, name: str, ciphertext: bytes, key_provider: str) -> bytes:
+        """Store a wrapped key unless `name` exists; return the stored ciphertext (the first writer's)."""
+        with self._connect() as conn, _immediate(conn):
+            conn.execute(
+                "INSERT INTO wrapped_keys (name, ciphertext, key_provider) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, ciphertext, key_provider),
+            )
+            row = conn.execute("SELECT ciphertext FROM wrapped_keys WHERE name = ?", (name,)).fetchone()
+        return bytes(row["ciphertext"])
+
+    def wrapped_key_names(self) -> list[str]:
+        with self._connect() as conn:
+            return [row[0] for row in conn.execute("SELECT name FROM wrapped_keys ORDER BY name")]
+
+    def replace_wrapped_key(self, name: str, old: bytes, new: bytes, key_provider: str) -> bool:
+        """Swap a wrapped key's ciphertext if it is still `old`; False if someone changed it meanwhile."""
+        with self._connect() as conn, _immediate(conn):
+            cursor = conn.execute(
+                "UPDATE wrapped_keys SET ciphertext = ?, key_provider = ? WHERE name = ? AND ciphertext = ?",
+                (new, key_provider, name, old),
+            )
+            return cursor.rowcount == 1
+
+    # --- rewrap progress ---------------------------------------------------------
+
+    def open_rewrap_run(self, run_id: str, target_key: str) -> tuple[RewrapRun, bool]:
+        """The unfinished run for `target_key` (resumed: False), or a new one (True).
+
+        An unfinished run for another key is closed: its records get the new
+        key in the new run anyway.
+        """
+        with self._connect() as conn, _immediate(conn):
+            conn.execute(
+                "UPDATE rewrap_runs SET finished_at = 'abandoned' WHERE finished_at IS NULL AND target_key != ?",
+                (target_key,),
+            )
             row = conn.execute(
-                "SELECT token, brand, last4, exp_month, exp_year, ciphertext, key_provider FROM cards WHERE token = ?",
-                (token,),
+                "SELECT run_id, target_key, total, done, last_token, finished_at FROM rewrap_runs "
+                "WHERE finished_at IS NULL AND target_key = ? ORDER BY started_at DESC LIMIT 1",
+                (target_key,),
             ).fetchone()
-        if row is None:
-            return None
-        card = CardOnFile(
-            token=row["token"],
-            brand=row["brand"],
-            last4=row["last4"],
-            exp_month=row["exp_month"],
-            exp_year=row["exp_year"],
-        )
-        return StoredCard(card=card, ciphertext=bytes(row["ciphertext"]), key_provider=row["key_provider"])
+            if row is not None:
+                return RewrapRun(**{key: row[key] for key in row.keys()}), False
+            total = int(conn.execute("SELECT count(*) FROM cards").fetchone()[0])
+            conn.execute("INSERT INTO rewrap_runs (run_id, target_key, total) VALUES (?, ?, ?)", (run_id, target_key, total))
+            return RewrapRun(run_id=run_id, target_key=target_key, total=total, done=0, last_token=""), True
+
+    def rewrap_card(
+        self, run_id: str, token: str, old: bytes, new: bytes, key_provider: str, fingerprint: str | None
+    ) -> bool:
+        """Swap one card's ciphertext (if unchanged since it was read) and advance the run, atomically.
+
+        False if the card changed meanwhile: the run does not advance past
+        it, and the caller reads it again. A fingerprint is filled in only
+        where none was stored (cards from before fingerprints existed).
+        """
+        with self._connect() as conn, _immediate(conn):
+            cursor = conn.execute(
+                "UPDATE cards SET ciphertext = ?, key_provider = ?, fingerprint = coalesce(fingerprint, ?) "
+                "WHERE token = ? AND ciphertext = ?",
+                (new, key_provider, fingerprint, token, old),
+            )
+            if cursor.rowcount != 1:
+                return False
+            conn.execute(
+                "UPDATE rewrap_runs SET done = done + 1, last_token = ? WHERE run_id = ?", (token, run_id)
+            )
+            return True
+
+    def skip_rewrap_card(self, run_id: str, token: str) -> None:
+        """Advance the run past a card that no longer exists."""
+        with self._connect() as conn:
+            conn.execute("UPDATE rewrap_runs SET last_token = ? WHERE run_id = ?", (token, run_id))
+
+    def finish_rewrap_run(self, run_id: str) -> None:
+        with self._connect() as conn:
+            conn.execute(
+                "UPDATE rewrap_runs SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ?", (run_id,)
+            )
+
+    def key_providers_in_use(self) -> dict[str, int]:
+        """How many cards each wrapping key sealed."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT key_provider, count(*) FROM cards GROUP BY key_provider ORDER BY key_provider")
+            return {row[0]: int(row[1]) for row in rows}
 
     # --- charges -------------------------------------------------------------
 
@@ -209,14 +413,40 @@ class PaymentsStore:
             row = conn.execute(f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE charge_id = ?", (charge_id,)).fetchone()
         return None if row is None else _charge(row)
 
-    def insert_charge(self, record: ChargeRecord) -> tuple[ChargeRecord, bool]:
-        """Store a charge unless its idempotency key is taken.
+    def begin_charge(self, intent: ChargeIntent) -> ChargeRecord | ChargeIntent:
+        """Claim the idempotency key for a charge, in one IMMEDIATE transaction.
 
-        Returns the stored row for the key and whether it is ours (False: a
-        concurrent request with the same key stored first; its row wins).
+        Returns the final charge if the key already has one; else the intent
+        already stored for the key (an attempt that has not finished: a
+        crashed process, or a concurrent request in another one); else
+        `intent`, now stored.
         """
         with self._connect() as conn, _immediate(conn):
-            cursor = conn.execute(
+            row = conn.execute(
+                f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE idempotency_key = ?", (intent.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                return _charge(row)
+            row = conn.execute(
+                f"SELECT {_INTENT_COLUMNS} FROM charge_intents WHERE idempotency_key = ?", (intent.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                return _intent(row)
+            conn.execute(
+                "INSERT INTO charge_intents (charge_id, idempotency_key, token, amount_minor, currency, description) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (intent.charge_id, intent.idempotency_key, intent.token, intent.amount_minor, intent.currency, intent.description),
+            )
+            return intent
+
+    def finish_charge(self, record: ChargeRecord) -> ChargeRecord:
+        """Store the final charge and drop its intent, atomically; returns the charge stored for the key.
+
+        If another process finished the same key first, its row is the
+        charge (the processor answered both with the same authorization).
+        """
+        with self._connect() as conn, _immediate(conn):
+            conn.execute(
                 "INSERT INTO charges (charge_id, idempotency_key, token, amount_minor, currency, description, "
                 "status, decline_reason, refunded_minor, brand, last4, processor) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
@@ -234,11 +464,23 @@ class PaymentsStore:
                     record.processor,
                 ),
             )
-            created = cursor.rowcount == 1
+            conn.execute("DELETE FROM charge_intents WHERE idempotency_key = ?", (record.idempotency_key,))
             row = conn.execute(
                 f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE idempotency_key = ?", (record.idempotency_key,)
             ).fetchone()
-        return _charge(row), created
+        return _charge(row)
+
+    def abandon_charge(self, intent: ChargeIntent) -> None:
+        """Drop an intent whose charge certainly did not reach the processor."""
+        with self._connect() as conn:
+            conn.execute(
+                "DELETE FROM charge_intents WHERE idempotency_key = ? AND charge_id = ?",
+                (intent.idempotency_key, intent.charge_id),
+            )
+
+    def count_intents(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute("SELECT count(*) FROM charge_intents").fetchone()[0])
 
     def count_charges(self) -> int:
         with self._connect() as conn:
