@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from shopmesh import policy, topology
+from shopmesh import config, policy, topology
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "mesh" / "envoy"
 
@@ -53,6 +53,28 @@ class Upstream:
     @property
     def discovery(self) -> str:
         # An IP literal needs no resolver; a name (compose) is resolved by DNS.
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
+
+@dataclass(frozen=True)
+class OtlpCollector:
+    """Where Envoy sends its spans (OTLP/gRPC): the runner's receiver, or Jaeger in compose."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> "OtlpCollector":
+        """Parse "host:port" (an IP or a DNS name); ConfigError naming the value otherwise."""
+        host, port = config.parse_address(address, what="OTLP collector address")
+        return cls(host, port)
+
+    @property
+    def discovery(self) -> str:
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -110,8 +132,13 @@ def render(
     rules: list[policy.Rule] | None = None,
     external_bind: str = "127.0.0.1",
     external_port: int = topology.INGRESS_PORT,
+    otlp_collector: str | None = None,
 ) -> str:
-    """The Envoy bootstrap YAML for one pod (a sidecar, or the ingress gateway)."""
+    """The Envoy bootstrap YAML for one pod (a sidecar, or the ingress gateway).
+
+    With `otlp_collector` ("host:port"), every HTTP connection manager traces
+    with envoy.tracers.opentelemetry and exports there; without it, no tracing.
+    """
     workload = topology.WORKLOADS[pod.name]
     rules = policy.load_policy() if rules is None else rules
     template = "ingress.yaml.j2" if workload.is_gateway else "sidecar.yaml.j2"
@@ -124,6 +151,7 @@ def render(
         max_connection_duration=max_connection_duration(ttl_s),
         external_bind=external_bind,
         external_port=external_port,
+        otel=OtlpCollector.parse(otlp_collector) if otlp_collector else None,
     )
     yaml.safe_load(text)  # a template bug must fail here, not inside Envoy
     return text

@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 import os
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+from shopmesh.telemetry import TraceContextLogFilter
+
+# trace_context is " trace_id=… span_id=…" inside a span, else empty
+# (shopmesh.telemetry.TraceContextLogFilter).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s%(trace_context)s"
 LOG_LEVEL_ENV = "SHOPMESH_LOG_LEVEL"
 
 
@@ -21,4 +25,6 @@ def setup_logging(service_name: str, level: int | str | None = None) -> logging.
     """
     chosen = level if level is not None else os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     logging.basicConfig(format=LOG_FORMAT, level=chosen, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceContextLogFilter())
     return logging.getLogger(service_name)

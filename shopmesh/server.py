@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shopmesh.config import AppConfig, ConfigError, app_config_from_env, format_address, parse_listen_address
 from shopmesh.logs import setup_logging
+from shopmesh.telemetry import server_interceptors, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ async def running_server(
 async def _started(register: Register, listen: str, grace: float) -> AsyncIterator[int]:
     host, port = parse_listen_address(listen)
     server = grpc.aio.server(
+        # A span per call (except health checks), joined to the caller's trace.
+        interceptors=server_interceptors(),
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, which lets a second copy of
@@ -233,7 +236,11 @@ def run_app(service_name: str, main: Callable[[AppConfig], Awaitable[None]]) -> 
     app_log = setup_logging(service_name)
     try:
         config = app_config_from_env()
-        asyncio.run(main(config))
+        tracing = setup_tracing(service_name)
+        try:
+            asyncio.run(main(config))
+        finally:
+            tracing.shutdown()  # export the spans still queued
     except ConfigError as exc:
         print(f"{service_name}: configuration error: {exc}", file=sys.stderr)
         return 2

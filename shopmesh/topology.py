@@ -24,6 +24,10 @@ OUTBOUND_PORTS = {"orders": 9101, "search": 9102, "payments": 9103}
 CA_JOIN_PORT = 8440  # CA: bootstrap with a join token (server-authenticated TLS)
 CA_RENEW_PORT = 8441  # CA: renewal (mutual TLS with the current SVID)
 INGRESS_PORT = 8080  # the ingress gateway's client-facing port (127.0.0.1)
+# The local runner's OTLP/gRPC receiver (shopmesh.otlp_receiver), on the pod
+# bridge's host address. Not 4317: a collector or Jaeger on this machine
+# usually has that one.
+OTLP_RECEIVER_PORT = 8442
 
 
 def spiffe_id_for(service_account: str) -> str:

@@ -16,6 +16,12 @@ PlaceOrder, step by step:
 Upstreams are dialled in plaintext on 127.0.0.1: they are this pod's
 sidecar's outbound listeners, and the sidecar originates mTLS to the
 upstream pod.
+
+Tracing: the server and client interceptors (shopmesh.telemetry) carry the
+W3C trace context from the PlaceOrder call to the search and payments calls,
+so one order is one trace. The steps have their own spans: orders.price,
+orders.persist, orders.charge (ERROR when the payment fails) and
+orders.settle, with orders.* attributes (never the payment token).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from services.orders.storage import PAID, PAYMENT_FAILED, PENDING, OrderItem, OrderRecord, OrdersStore
 from shopmesh.identity import describe_caller
@@ -40,8 +48,10 @@ from shopmesh.pagination import InvalidPageToken, PageTokens, resolve_page_size
 from shopmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from shopmesh.search.v1 import search_pb2, search_pb2_grpc
 from shopmesh.server import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, rpc_errors
+from shopmesh.telemetry import client_interceptors, tracer
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 SERVICE_NAME = orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name
 SEARCH_DEADLINE_SECONDS = 2.0
@@ -53,9 +63,6 @@ MAX_IDEMPOTENCY_KEY_CHARS = 128
 PAYMENT_TOKEN_PATTERN = re.compile(r"^tok_[0-9a-f]{32}$")
 ORDER_ID_PATTERN = re.compile(r"^ord_[0-9a-f]{24}$")
 PAGE_TOKEN_KEY = Path("keys") / "page-token.key"
-# W3C trace context, passed through to upstream calls so that one order is
-# one trace (until the OpenTelemetry instrumentation does this itself).
-TRACE_HEADERS = ("traceparent", "tracestate")
 
 # The sidecar is local: reconnect quickly after it restarts instead of
 # backing off for up to the default two minutes.
@@ -82,7 +89,6 @@ _CHARGED = (
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-OutboundMetadata = tuple[tuple[str, str], ...]
 
 
 def masked_card(brand: str, last4: str) -> str:
@@ -93,14 +99,6 @@ def masked_card(brand: str, last4: str) -> str:
 def request_fingerprint(items: Sequence[tuple[str, int]], payment_token: str) -> str:
     canonical = json.dumps({"items": [list(i) for i in items], "payment_token": payment_token}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _trace_metadata(context: Context) -> OutboundMetadata:
-    return tuple(
-        (key, value)
-        for key, value in context.invocation_metadata() or ()
-        if key in TRACE_HEADERS and isinstance(value, str)
-    )
 
 
 def _to_proto(order: OrderRecord) -> orders_pb2.Order:
@@ -179,14 +177,16 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     async def PlaceOrder(self, request: orders_pb2.PlaceOrderRequest, context: Context) -> orders_pb2.Order:
         items = _validate_place_order(request)
         caller = describe_caller(context.invocation_metadata())
-        trace = _trace_metadata(context)
         fingerprint = request_fingerprint(items, request.payment_token)
+        call_span = trace.get_current_span()
+        call_span.set_attribute("orders.item_count", len(items))
 
         earlier = self._store.by_idempotency_key(request.idempotency_key)
         if earlier is not None:
-            return await self._resume(earlier, fingerprint, trace, caller)
+            call_span.set_attributes({"orders.order_id": earlier.order_id, "orders.replayed": True})
+            return await self._resume(earlier, fingerprint, caller)
 
-        priced, currency = await self._price(items, trace)
+        priced, currency = await self._price(items)
         order = OrderRecord(
             order_id="ord_" + secrets.token_hex(12),
             idempotency_key=request.idempotency_key,
@@ -199,10 +199,12 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         )
         if order.total_minor <= 0:
             raise FailedPrecondition("the order's total is 0; there is nothing to charge")
-        stored, created = self._store.insert_pending(order)
+        with _tracer.start_as_current_span("orders.persist", attributes={"orders.order_id": order.order_id}):
+            stored, created = self._store.insert_pending(order)
+        call_span.set_attributes({"orders.order_id": stored.order_id, "orders.replayed": not created})
         if not created:
             # A concurrent call with the same key stored its order first.
-            return await self._resume(stored, fingerprint, trace, caller)
+            return await self._resume(stored, fingerprint, caller)
         log.info(
             "order %s PENDING: %d items, %d %s, caller %s",
             stored.order_id,
@@ -211,9 +213,9 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             stored.currency,
             caller,
         )
-        return _to_proto(await self._pay(stored, trace))
+        return _to_proto(await self._pay(stored))
 
-    async def _resume(self, earlier: OrderRecord, fingerprint: str, trace: OutboundMetadata, caller: str) -> orders_pb2.Order:
+    async def _resume(self, earlier: OrderRecord, fingerprint: str, caller: str) -> orders_pb2.Order:
         if earlier.request_fingerprint != fingerprint:
             raise FailedPrecondition(
                 f"idempotency_key '{earlier.idempotency_key}' was already used for a different order "
@@ -223,15 +225,17 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             log.info("order %s replayed (%s) for caller %s", earlier.order_id, earlier.state, caller)
             return _to_proto(earlier)
         log.info("order %s resumed: payment not settled yet, caller %s", earlier.order_id, caller)
-        return _to_proto(await self._pay(earlier, trace))
+        return _to_proto(await self._pay(earlier))
 
-    async def _price(self, items: Sequence[tuple[str, int]], trace: OutboundMetadata) -> tuple[list[OrderItem], str]:
+    async def _price(self, items: Sequence[tuple[str, int]]) -> tuple[list[OrderItem], str]:
         """The items with names and unit prices from search, and their one currency."""
         ids = list(dict.fromkeys(product_id for product_id, _ in items))
+        with _tracer.start_as_current_span("orders.price", attributes={"orders.product_count": len(ids)}):
+            return await self._price_with_search(ids, items)
+
+    async def _price_with_search(self, ids: list[str], items: Sequence[tuple[str, int]]) -> tuple[list[OrderItem], str]:
         try:
-            response = await self._search.GetProducts(
-                search_pb2.GetProductsRequest(ids=ids), timeout=self._search_deadline, metadata=trace
-            )
+            response = await self._search.GetProducts(search_pb2.GetProductsRequest(ids=ids), timeout=self._search_deadline)
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code == grpc.StatusCode.NOT_FOUND:
@@ -257,7 +261,22 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         ]
         return priced, currencies[0]
 
-    async def _pay(self, order: OrderRecord, trace: OutboundMetadata) -> OrderRecord:
+    async def _pay(self, order: OrderRecord) -> OrderRecord:
+        attributes = {"orders.order_id": order.order_id, "orders.total_minor": order.total_minor, "orders.currency": order.currency}
+        with _tracer.start_as_current_span("orders.charge", attributes=attributes) as span:
+            settled = await self._charge_and_settle(order)
+            span.set_attribute("orders.state", settled.state)
+            if settled.state == PAYMENT_FAILED:
+                # The RPCs all succeeded, but the order did not: say so where
+                # someone looking at the trace will see it.
+                span.set_status(Status(StatusCode.ERROR, f"payment failed: {settled.failure_reason}"))
+            return settled
+
+    def _settle(self, order_id: str, state: str, **fields: str) -> OrderRecord:
+        with _tracer.start_as_current_span("orders.settle", attributes={"orders.order_id": order_id, "orders.state": state}):
+            return self._store.settle(order_id, state, **fields)
+
+    async def _charge_and_settle(self, order: OrderRecord) -> OrderRecord:
         charge_key = f"order:{order.order_id}"
         request = payments_pb2.ChargeRequest(
             token=order.payment_token,
@@ -267,11 +286,11 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             description=f"ShopMesh order {order.order_id}",
         )
         try:
-            charge = await self._payments.Charge(request, timeout=self._payments_deadline, metadata=trace)
+            charge = await self._payments.Charge(request, timeout=self._payments_deadline)
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                settled = self._store.settle(order.order_id, PAYMENT_FAILED, failure_reason=f"payment rejected: {err.details()}")
+                settled = self._settle(order.order_id, PAYMENT_FAILED, failure_reason=f"payment rejected: {err.details()}")
                 log.info("order %s PAYMENT_FAILED: payments answered %s", order.order_id, code.name)
                 return settled
             if code in _NO_ANSWER:
@@ -286,9 +305,9 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             ) from None
         card = masked_card(charge.brand, charge.last4)
         if charge.status in _CHARGED:
-            settled = self._store.settle(order.order_id, PAID, charge_id=charge.charge_id, card=card)
+            settled = self._settle(order.order_id, PAID, charge_id=charge.charge_id, card=card)
         elif charge.status == payments_pb2.CHARGE_STATUS_DECLINED:
-            settled = self._store.settle(
+            settled = self._settle(
                 order.order_id, PAYMENT_FAILED, failure_reason=f"card declined: {charge.decline_reason}", card=card
             )
         else:
@@ -350,8 +369,12 @@ async def orders_servicer(
     try:
         tokens = PageTokens.from_key_file(data_dir / PAGE_TOKEN_KEY, "orders.v1.ListOrders")
         async with (
-            grpc.aio.insecure_channel(upstreams.search, options=UPSTREAM_CHANNEL_OPTIONS) as search_channel,
-            grpc.aio.insecure_channel(upstreams.payments, options=UPSTREAM_CHANNEL_OPTIONS) as payments_channel,
+            grpc.aio.insecure_channel(
+                upstreams.search, options=UPSTREAM_CHANNEL_OPTIONS, interceptors=client_interceptors()
+            ) as search_channel,
+            grpc.aio.insecure_channel(
+                upstreams.payments, options=UPSTREAM_CHANNEL_OPTIONS, interceptors=client_interceptors()
+            ) as payments_channel,
         ):
             log.info("upstreams: search %s, payments %s", upstreams.search, upstreams.payments)
             yield OrdersServicer(

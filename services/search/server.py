@@ -18,8 +18,10 @@ from shopmesh.identity import describe_caller
 from shopmesh.pagination import InvalidPageToken, PageTokens, resolve_page_size
 from shopmesh.search.v1 import search_pb2, search_pb2_grpc
 from shopmesh.server import InvalidArgument, NotFound, rpc_errors
+from shopmesh.telemetry import tracer
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
 MAX_QUERY_CHARS = 256
@@ -87,13 +89,20 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             if payload.get("q") != fingerprint or not isinstance(token_offset, int) or token_offset < 0:
                 raise InvalidPageToken()
             offset = token_offset
-        try:
-            page = self._catalog.search(fts_query, limit=page_size, offset=offset)
-        except sqlite3.OperationalError as exc:
-            # fts_query_for only emits quoted terms, so this is a bug, not the user's fault;
-            # still, answer with a status the caller can read rather than UNKNOWN.
-            log.error("FTS5 rejected %r built from a %d-character query: %s", fts_query, len(request.query), exc)
-            raise InvalidArgument("query could not be searched; try plain words") from exc
+        # The query text stays out of the span: people type anything into a
+        # search box. Its shape (how many terms) is what explains the timing.
+        with _tracer.start_as_current_span(
+            "search.query",
+            attributes={"search.term_count": len(_TERM.findall(request.query)), "search.page_size": page_size, "search.offset": offset},
+        ) as span:
+            try:
+                page = self._catalog.search(fts_query, limit=page_size, offset=offset)
+            except sqlite3.OperationalError as exc:
+                # fts_query_for only emits quoted terms, so this is a bug, not the user's fault;
+                # still, answer with a status the caller can read rather than UNKNOWN.
+                log.error("FTS5 rejected %r built from a %d-character query: %s", fts_query, len(request.query), exc)
+                raise InvalidArgument("query could not be searched; try plain words") from exc
+            span.set_attributes({"search.total_matches": page.total_matches, "search.returned": len(page.products)})
         next_offset = offset + len(page.products)
         next_token = ""
         if page.products and next_offset < page.total_matches:
@@ -125,7 +134,9 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                 raise InvalidArgument(f"ids[{index}] is empty")
             if len(product_id) > MAX_ID_CHARS:
                 raise InvalidArgument(f"ids[{index}] is {len(product_id)} characters long; the limit is {MAX_ID_CHARS}")
-        found = self._catalog.get(ids)
+        with _tracer.start_as_current_span("search.lookup", attributes={"search.id_count": len(ids)}) as span:
+            found = self._catalog.get(ids)
+            span.set_attribute("search.found", len(found))
         unknown = [i for i in dict.fromkeys(ids) if i not in found]
         if unknown:
             listed = ", ".join(f"'{i}'" for i in unknown)
