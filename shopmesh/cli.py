@@ -6,6 +6,9 @@
     shopmesh status [--json]                              identities, serials, expiry, readiness
     shopmesh rotate WORKLOAD                              force a certificate rotation now
     shopmesh envoy WORKLOAD [PATH]                        read a sidecar's Envoy admin (e.g. /stats)
+    shopmesh traces [TRACE_ID]                            recent traces, or one as a tree
+    shopmesh ca rotate [--step prepare|activate|retire]   rotate the CA without downtime
+    shopmesh payments rotate-key|rewrap|audit verify      card vault administration
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -24,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.trace import StatusCode
 
 from pki.durations import parse_duration
 from pki.errors import DurationError
-from shopmesh import runner, topology
+from services.payments import admin as payments_admin
+from services.payments.cards import brand_of
+from shopmesh import ca_admin, runner, telemetry, topology, traces
 from shopmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from shopmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from shopmesh.search.v1 import search_pb2, search_pb2_grpc
@@ -49,8 +54,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"shopmesh up: --ttl: {exc}", file=sys.stderr)
         return 2
     state_dir = _state_dir(args)
+    try:
+        payments_env = payments_admin.payments_env_for_up(args, state_dir)
+    except payments_admin.AdminError as exc:
+        print(f"shopmesh up: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ca_args = ca_admin.up_ca_args(args)
+    except ValueError as exc:
+        print(f"shopmesh up: {exc}", file=sys.stderr)
+        return 2
     print(f"starting the mesh (state in {state_dir}, certificate TTL {args.ttl}) …", flush=True)
-    record = runner.up(state_dir, ttl_s, ingress_port=args.ingress_port, network=args.network)
+    record = runner.up(state_dir, ttl_s, ingress_port=args.ingress_port, network=args.network,
+                       extra_app_env={"payments": payments_env}, ca_args=ca_args)
     _print_status(runner.workload_status(record))
     print(f"\ningress: {record.external} (gRPC, plaintext on loopback); logs: {state_dir / 'logs'}")
     if args.detach:
@@ -135,29 +151,51 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traces(args: argparse.Namespace) -> int:
+    return traces.run(_state_dir(args), args)
+
+
+def _demo_cvv(card: str) -> str:
+    # Amex cards have a 4-digit security code, every other brand 3.
+    return "1234" if brand_of("".join(ch for ch in card if ch.isdigit())) == "amex" else "123"
+
+
 def _card_label(order: orders_pb2.Order) -> str:
     return order.card or "-"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    record = runner.MeshRecord.load(_state_dir(args))
-    # A W3C trace context for the whole demo: every hop carries it, so the
-    # order's spans (from a later OpenTelemetry setup) share this trace id.
-    trace_id = secrets.token_hex(16)
-    metadata = (("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"),)
-    with grpc.insecure_channel(record.external) as channel:
+    if args.ingress:
+        # Another mesh's ingress (the compose stack's): no local receiver to
+        # export the client span to; the calls still carry its traceparent.
+        external, collector = args.ingress, None
+    else:
+        record = runner.MeshRecord.load(_state_dir(args))
+        external, collector = record.external, (record.otlp if record.otlp_pid else None)
+    # One trace for the whole demo (tokenize, search, order), rooted in a span
+    # of this command and exported to the mesh's OTLP receiver; every call
+    # carries its W3C traceparent, so the id printed is the order's trace
+    # (`shopmesh traces TRACE_ID`).
+    with (
+        # Export only while the mesh's receiver runs: a stale address from a
+        # stopped mesh may belong to nothing on this machine any more.
+        telemetry.client_trace("shopmesh demo", collector) as demo_trace,
+        grpc.insecure_channel(external) as plain_channel,
+    ):
+        trace_id = demo_trace.trace_id
+        channel = demo_trace.channel(plain_channel)
         payments = payments_pb2_grpc.PaymentsStub(channel)
         search = search_pb2_grpc.SearchStub(channel)
         orders = orders_pb2_grpc.OrdersStub(channel)
         try:
             year = datetime.now(timezone.utc).year + 3
             card = payments.Tokenize(
-                payments_pb2.TokenizeRequest(card_number=args.card, exp_month=12, exp_year=year, cvv="123"),
-                timeout=RPC_TIMEOUT_S, metadata=metadata,
+                payments_pb2.TokenizeRequest(card_number=args.card, exp_month=12, exp_year=year, cvv=_demo_cvv(args.card)),
+                timeout=RPC_TIMEOUT_S,
             )
             found = search.SearchProducts(
                 search_pb2.SearchProductsRequest(query=args.query, page_size=2),
-                timeout=RPC_TIMEOUT_S, metadata=metadata,
+                timeout=RPC_TIMEOUT_S,
             )
             if not found.products:
                 print(f"shopmesh demo: no product matches '{args.query}'", file=sys.stderr)
@@ -165,11 +203,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             items = [orders_pb2.LineItem(product_id=p.id, quantity=i + 1) for i, p in enumerate(found.products)]
             order = orders.PlaceOrder(
                 orders_pb2.PlaceOrderRequest(items=items, payment_token=card.token, idempotency_key=str(uuid.uuid4())),
-                timeout=RPC_TIMEOUT_S, metadata=metadata,
+                timeout=RPC_TIMEOUT_S,
             )
         except grpc.RpcError as exc:
+            demo_trace.span.set_status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}")
             print(f"shopmesh demo: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        demo_trace.span.set_attribute("demo.order_id", order.order_id)
+        if order.state != orders_pb2.ORDER_STATE_PAID:
+            demo_trace.span.set_status(StatusCode.ERROR, f"order not paid: {order.failure_reason}")
     state = orders_pb2.OrderState.Name(order.state).removeprefix("ORDER_STATE_").lower()
     result = {
         "order_id": order.order_id,
@@ -209,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingress-port", type=int, default=topology.INGRESS_PORT, help="client-facing port on 127.0.0.1 (default: %(default)s)")
     p.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto",
                    help="pod isolation: a network namespace per pod (needs root) or shared loopback (default: auto)")
+    payments_admin.add_kms_options(p)
+    ca_admin.add_up_arguments(p)
     p.set_defaults(func=cmd_up)
 
     add("down", "stop the mesh").set_defaults(func=cmd_down)
@@ -217,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--card", default=DEMO_CARD, help="test card number (default: a test Visa)")
     p.add_argument("--query", default="coffee", help="what to search for and buy (default: %(default)s)")
+    p.add_argument("--ingress", metavar="HOST:PORT",
+                   help="use this ingress instead of the local mesh's, e.g. the compose stack's 127.0.0.1:8080")
     p.set_defaults(func=cmd_demo)
 
     p = add("status", "each workload's identity, certificate and readiness")
@@ -231,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", choices=list(topology.WORKLOADS))
     p.add_argument("path", nargs="?", default="/stats", help="admin path (default: %(default)s)")
     p.set_defaults(func=cmd_envoy)
+
+    p = add("traces", "list recent traces from the mesh's OTLP receiver, or show one as a tree")
+    traces.add_arguments(p)
+    p.set_defaults(func=cmd_traces)
+
+    payments_admin.add_payments_commands(sub, str(DEFAULT_STATE_DIR))
+    ca_admin.register(sub, add)
     return parser
 
 

@@ -12,6 +12,7 @@ Everything the run needs to find again (addresses, process ids) is written to
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -22,10 +23,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from pki import tokens as join_tokens
-from shopmesh import envoyconfig, netns, topology
+from shopmesh import envoyconfig, netns, telemetry, topology
 
 log = logging.getLogger("shopmesh.runner")
 
@@ -79,8 +81,18 @@ class MeshRecord:
     subnet: str | None = None
     ca_pid: int | None = None
     ca_argv: list[str] = field(default_factory=list)
+    # The OTLP/gRPC receiver (shopmesh.otlp_receiver): apps and Envoys export
+    # spans to this host:port; they land in <state-dir>/traces/.
+    otlp: str = ""
+    otlp_pid: int | None = None
     runner_pid: int | None = None
     pods: dict[str, PodRecord] = field(default_factory=dict)
+    # Extra environment per app, from `shopmesh up` options (e.g. payments'
+    # SHOPMESH_KMS*): settings only, never credentials.
+    extra_app_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Extra CA server flags from `shopmesh up` (the CA backend: --ca acm-pca
+    # --pca-arn …, see pki.ca_server); AWS settings reach it by environment.
+    ca_args: list[str] = field(default_factory=list)
 
     def save(self) -> None:
         path = Path(self.state_dir) / "mesh.json"
@@ -123,6 +135,33 @@ def _subnet_for(mesh_id: str) -> str:
     # 10.89.<n>.0/24 with n from the mesh id: two state directories on one
     # machine get different subnets (a clash is detected and reported).
     return f"10.89.{int(mesh_id, 16) % 250 + 1}.0/24"
+
+
+def pod_aws_endpoints(record: MeshRecord, environ: Mapping[str, str]) -> dict[str, str]:
+    """AWS endpoint variables (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>) as a pod process must see them.
+
+    A pod has its own loopback, so an AWS stand-in (moto, LocalStack) that
+    the host reaches on a loopback address is, from inside a pod namespace,
+    at the pod bridge's host address (it must listen there, e.g. on 0.0.0.0).
+    Only loopback endpoints are rewritten; others are inherited unchanged.
+    """
+    network = record.network
+    if network is None:
+        return {}
+    rewritten = {}
+    for name, value in environ.items():
+        if not name.startswith("AWS_ENDPOINT_URL"):
+            continue
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            netloc = network.host_ip + (f":{parts.port}" if parts.port else "")
+            rewritten[name] = urlunsplit(parts._replace(netloc=netloc))
+    return rewritten
 
 
 def _log_file(state_dir: Path, name: str) -> Any:
@@ -212,9 +251,11 @@ def plan(state_dir: Path, ttl_s: float, ingress_port: int, network: str) -> Mesh
         assert pod_net is not None
         record.ca_join = f"{pod_net.host_ip}:{topology.CA_JOIN_PORT}"
         record.ca_renew = f"{pod_net.host_ip}:{topology.CA_RENEW_PORT}"
+        record.otlp = f"{pod_net.host_ip}:{topology.OTLP_RECEIVER_PORT}"
     else:
         record.ca_join = f"127.0.0.1:{_free_port()}"
         record.ca_renew = f"127.0.0.1:{_free_port()}"
+        record.otlp = f"127.0.0.1:{_free_port()}"
     for index, (name, workload) in enumerate(topology.WORKLOADS.items()):
         pod_dir = state_dir / "pods" / name
         if workload.is_gateway:
@@ -267,6 +308,7 @@ def _start_ca(record: MeshRecord, state_dir: Path) -> None:
         "--join-listen", record.ca_join,
         "--renew-listen", record.ca_renew,
         "--ttl", f"{record.ttl_s}s",
+        *record.ca_args,
     ]
     start_ca(record)
 
@@ -293,6 +335,27 @@ def start_ca(record: MeshRecord) -> None:
     wait_for(ca_up, 30, f"the CA server on {record.ca_join}")
 
 
+def _start_otlp_receiver(record: MeshRecord, state_dir: Path) -> None:
+    """Start the OTLP receiver on record.otlp (every pod reaches it there) and wait until it listens."""
+    record.otlp_pid = _spawn(state_dir, "otlp-receiver", [
+        _python(), "-m", "shopmesh.otlp_receiver", "--listen", record.otlp, "--out", str(state_dir / "traces"),
+    ])
+    record.save()
+    logf = state_dir / "logs" / "otlp-receiver.log"
+
+    def listening() -> bool:
+        if not _alive(record.otlp_pid):
+            raise RunnerError(f"the OTLP receiver exited; see {logf}:\n{_tail(logf)}")
+        host, port = record.otlp.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(listening, 30, f"the OTLP receiver on {record.otlp}")
+
+
 def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: dict[str, envoyconfig.PodAddresses], external_port: int) -> None:
     pod_dir = Path(pod.dir)
     pod_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -302,7 +365,7 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
     envoy_config = pod_dir / "envoy.yaml"
     envoy_config.write_text(envoyconfig.render(
         addresses[pod.name], addresses, sds_socket=sds_socket, ttl_s=record.ttl_s,
-        external_port=external_port,
+        external_port=external_port, otlp_collector=record.otlp or None,
     ))
     token_file = pod_dir / "join-token"
     join_tokens.write_token_file(token_file, join_tokens.create_join_token(state_dir, pod.spiffe_id))
@@ -313,6 +376,11 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
         env = {
             "SHOPMESH_APP_LISTEN": f"127.0.0.1:{pod.app_port}",
             "SHOPMESH_DATA_DIR": str(pod_dir / "data"),
+            # The agent serves the SPIFFE Workload API on its socket (pki.workload_api).
+            "SPIFFE_ENDPOINT_SOCKET": f"unix://{sds_socket}",
+            **telemetry.app_environment(pod.name, record.otlp),
+            **record.extra_app_env.get(pod.name, {}),
+            **pod_aws_endpoints(record, os.environ),
         }
         for upstream, port in pod.outbound_ports.items():
             env[f"SHOPMESH_UPSTREAM_{upstream.upper()}"] = f"127.0.0.1:{port}"
@@ -342,8 +410,15 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
     record.save()
 
 
-def up(state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT, network: str = "auto") -> MeshRecord:
-    """Start the whole mesh and return once every workload is ready."""
+def up(
+    state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT, network: str = "auto",
+    extra_app_env: dict[str, dict[str, str]] | None = None,
+    ca_args: list[str] | None = None,
+) -> MeshRecord:
+    """Start the whole mesh and return once every workload is ready.
+
+    `extra_app_env` adds environment variables per app (by pod name);
+    `ca_args` adds CA server flags (see `python -m pki.ca_server --help`)."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (state_dir / "mesh.json").exists():
@@ -352,6 +427,8 @@ def up(state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT,
             raise RunnerError(f"a mesh is already running from {state_dir}; stop it with `shopmesh down --state-dir {state_dir}`")
         teardown(existing)
     record = plan(state_dir, ttl_s, ingress_port, network)
+    record.extra_app_env = {name: dict(env) for name, env in (extra_app_env or {}).items()}
+    record.ca_args = list(ca_args or [])
     record.save()
     started = False
     try:
@@ -362,6 +439,7 @@ def up(state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT,
             for index, name in enumerate(record.pods):
                 if record.pods[name].netns:
                     pod_net.create_pod(name, index)
+        _start_otlp_receiver(record, state_dir)
         _start_ca(record, state_dir)
         addresses = _addresses(record)
         external_port = int(record.external.rsplit(":", 1)[1])
@@ -376,7 +454,7 @@ def up(state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT,
 
 
 def _all_pids(record: MeshRecord) -> list[int]:
-    pids = [record.ca_pid] + [p for pod in record.pods.values() for p in (pod.agent_pid, pod.app_pid)]
+    pids = [record.ca_pid, record.otlp_pid] + [p for pod in record.pods.values() for p in (pod.agent_pid, pod.app_pid)]
     return [p for p in pids if p is not None]
 
 
@@ -426,6 +504,8 @@ def workload_status(record: MeshRecord) -> list[dict[str, Any]]:
         }
         if topology.WORKLOADS[pod.name].is_gateway:
             entry["external"] = record.external
+        # The agent's SDS socket also serves the SPIFFE Workload API.
+        entry["workload_api_socket"] = agent.get("workload_api_socket") or str(Path(pod.dir) / "agent.sock")
         if agent.get("last_error"):
             entry["last_error"] = agent["last_error"]
         out.append(entry)
@@ -455,12 +535,14 @@ def _terminate(pids: list[int], timeout_s: float) -> None:
 
 def teardown(record: MeshRecord) -> None:
     """Stop every process of the mesh and remove its network; safe to repeat."""
-    # Agents first (each stops its Envoy), then apps, then the CA.
+    # Agents first (each stops its Envoy), then apps, then the CA; the OTLP
+    # receiver last, so the spans the others flush on their way out land.
     agents = [p.agent_pid for p in record.pods.values() if p.agent_pid]
     apps = [p.app_pid for p in record.pods.values() if p.app_pid]
     _terminate(agents, STOP_TIMEOUT_S)
     _terminate(apps, STOP_TIMEOUT_S)
     _terminate([record.ca_pid] if record.ca_pid else [], STOP_TIMEOUT_S)
+    _terminate([record.otlp_pid] if record.otlp_pid else [], STOP_TIMEOUT_S)
     # Envoys whose agent was killed outright: each ran in its agent's process group.
     for pid in agents:
         try:
@@ -478,7 +560,7 @@ def teardown(record: MeshRecord) -> None:
         pod_net.destroy(list(record.pods))
     for pod in record.pods.values():
         pod.agent_pid = pod.app_pid = None
-    record.ca_pid = None
+    record.ca_pid = record.otlp_pid = None
     record.save()
 
 
