@@ -146,8 +146,8 @@ class GrpcConnection:
                         self.closed_by_server = True
                         if event.last_stream_id is not None and event.last_stream_id < stream_id:
                             raise ProbeError(f"{self.address} sent GOAWAY before this stream (error code {event.error_code})")
-                    elif event.stream_id != stream_id:  # type: ignore[union-attr]
-                        continue
+                    elif getattr(event, "stream_id", None) != stream_id:
+                        continue  # connection-level events (settings, pings) and other streams
                     elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
                         headers.update({k: v for k, v in event.headers})  # type: ignore[misc]
                     elif isinstance(event, h2.events.DataReceived):
