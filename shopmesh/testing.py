@@ -289,16 +289,22 @@ class Mesh:
         (SIGSTOP; Envoy keeps serving what it has) until notAfter has passed.
         The agent stays frozen until `resume(workload)` or the end of the test."""
         cert = self.cert(workload)
-        pid = self.record.pods[workload].agent_pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        self._paused.add(workload)
+        self.freeze_agent(workload)
         limit = timeout if timeout is not None else cert.expires_in_s + 30
         runner.wait_for(lambda: time.time() > cert.not_after + 0.5, limit, f"{workload}'s certificate to expire")
         return cert
 
+    def freeze_agent(self, workload: str) -> None:
+        """Freeze a workload's agent (SIGSTOP): no renewals, no Envoy restarts,
+        while Envoy keeps serving what it has. `resume(workload)` or the end of
+        the test unfreezes it."""
+        pid = self.record.pods[workload].agent_pid
+        assert pid is not None, f"{workload} has no agent"
+        os.kill(pid, signal.SIGSTOP)
+        self._paused.add(workload)
+
     def resume(self, workload: str) -> None:
-        """Unfreeze an agent frozen by expire()."""
+        """Unfreeze an agent frozen by freeze_agent() or expire()."""
         pid = self.record.pods[workload].agent_pid
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -93,3 +93,69 @@ def test_app_port_is_unreachable_from_the_host_and_other_pods(mesh, pod) -> None
     # ...while the same pod's sidecar port answers from there.
     probe = connect_from(other, (record.pods[pod].host, topology.INBOUND_PORT))
     assert probe.returncode == 0, probe.stderr
+
+
+IMPOSTOR = r"""
+import socket, ssl, sys
+host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["h2"])
+server = socket.create_server((host, port))
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+        data = tls.recv(65536)
+        print("request bytes", len(data), flush=True)
+    except (ssl.SSLError, OSError) as exc:
+        print("handshake failed:", exc, flush=True)
+    finally:
+        conn.close()
+"""
+
+
+def test_client_sidecar_refuses_an_impostor_upstream(mesh, tmp_path) -> None:  # row 11
+    """Something at search's address presents a valid certificate of our CA,
+    but for another identity (payments). The ingress's sidecar must refuse it:
+    the call fails, and the impostor never sees a request."""
+    import os
+    import signal
+
+    import grpc
+
+    from shopmesh.search.v1 import search_pb2, search_pb2_grpc
+
+    record = mesh.record
+    search = record.pods["search"]
+    impostor_id = mesh.mint_svid("payments")
+    (tmp_path / "cert.pem").write_bytes(impostor_id.cert_pem)
+    (tmp_path / "key.pem").write_bytes(impostor_id.key_pem)
+    envoy_pid = mesh.agent_status("search")["envoy_pid"]
+    san_failures = mesh.stats("ingress").get("cluster.search.ssl.fail_verify_san", 0)
+
+    # Take search's sidecar away: freeze its agent so it does not restart
+    # Envoy at once, then kill Envoy and put the impostor on its port.
+    mesh.freeze_agent("search")  # the plugin unfreezes it after the test
+    os.kill(envoy_pid, signal.SIGKILL)
+    log = tmp_path / "impostor.log"
+    with open(log, "wb") as out:
+        impostor = subprocess.Popen(
+            [*record.exec_prefix("search"), sys.executable, "-c", IMPOSTOR, search.host, str(topology.INBOUND_PORT),
+             str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        mesh.wait_until(lambda: "listening" in log.read_text(), 20, "the impostor to listen")
+        with grpc.insecure_channel(record.external) as channel:
+            with pytest.raises(grpc.RpcError) as failure:
+                search_pb2_grpc.SearchStub(channel).SearchProducts(
+                    search_pb2.SearchProductsRequest(query="coffee"), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value
+        assert mesh.stats("ingress")["cluster.search.ssl.fail_verify_san"] > san_failures
+        assert "handshake failed" in log.read_text()
+        assert "request bytes" not in log.read_text()
+    finally:
+        impostor.kill()
+        impostor.wait()
