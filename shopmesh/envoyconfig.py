@@ -1,7 +1,7 @@
 """Render the Envoy configurations of the sidecars and the ingress.
 
 The templates live in mesh/envoy/ (Jinja2, readable enough to copy); this
-module fills them from the pod plan and the policy, and checks that the
+module fills them from the pod plan, and checks that the
 result is well-formed YAML before anyone hands it to Envoy.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from shopmesh import config, policy, topology
+from shopmesh import config, topology
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "mesh" / "envoy"
 
@@ -129,7 +129,6 @@ def render(
     *,
     sds_socket: Path,
     ttl_s: float,
-    rules: list[policy.Rule] | None = None,
     external_bind: str = "127.0.0.1",
     external_port: int = topology.INGRESS_PORT,
     otlp_collector: str | None = None,
@@ -140,13 +139,11 @@ def render(
     with envoy.tracers.opentelemetry and exports there; without it, no tracing.
     """
     workload = topology.WORKLOADS[pod.name]
-    rules = policy.load_policy() if rules is None else rules
     template = "ingress.yaml.j2" if workload.is_gateway else "sidecar.yaml.j2"
     text = _env().get_template(template).render(
         pod=pod,
         trust_domain=topology.TRUST_DOMAIN,
         upstreams=_upstreams(pod, pods),
-        rbac_rules=[r for r in rules if r.server == pod.name],
         sds_socket=str(sds_socket),
         max_connection_duration=max_connection_duration(ttl_s),
         external_bind=external_bind,

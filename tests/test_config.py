@@ -84,9 +84,11 @@ def test_sidecar_inbound_requires_client_certificates_and_rbac() -> None:
     hcm = inbound["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
     assert hcm["common_http_protocol_options"]["max_connection_duration"] == "30.000s"
-    rbac = hcm["http_filters"][0]["typed_config"]["rules"]
-    assert rbac["action"] == "ALLOW"
-    assert set(rbac["policies"]) == {"ingress-to-payments", "orders-to-payments"}
+    rbac = hcm["http_filters"][0]
+    assert rbac["name"] == "rbac"
+    # Served by the agent over ECDS (the same socket as SDS); deny-all until then.
+    assert rbac["config_discovery"]["config_source"]["api_config_source"]["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "sds-agent"
+    assert rbac["config_discovery"]["default_config"]["rules"] == {"action": "ALLOW", "policies": {}}
     # Nothing listens outside the pod but the inbound port.
     for listener in config["static_resources"]["listeners"]:
         if listener["name"] != "inbound":
@@ -104,6 +106,21 @@ def test_outbound_clusters_verify_the_exact_upstream_identity() -> None:
         assert matcher == [{"san_type": "URI", "matcher": {"exact": topology.spiffe_id_for(upstream)}}]
         assert ctx["tls_certificate_sds_secret_configs"][0]["name"] == "default"
         assert ctx["combined_validation_context"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+
+
+def test_rendered_rbac_is_a_valid_envoy_rbac_config() -> None:
+    from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+
+    from shopmesh.policyserver import rbac_resource
+
+    resource = rbac_resource("payments", policy.load_policy())
+    rbac = rbac_pb2.RBAC()
+    assert resource.typed_config.Unpack(rbac)
+    assert set(rbac.rules.policies) == {"ingress-to-payments", "orders-to-payments"}
+    orders = rbac.rules.policies["orders-to-payments"]
+    assert orders.principals[0].authenticated.principal_name.exact == topology.spiffe_id_for("orders")
+    paths = [r.url_path.path.exact for r in orders.permissions[0].or_rules.rules]
+    assert paths == ["/shopmesh.payments.v1.Payments/Charge", "/shopmesh.payments.v1.Payments/Refund"]
 
 
 def test_generated_stubs_match_the_protos(tmp_path: Path) -> None:
