@@ -6,7 +6,8 @@ app (SPIFFE Workload API) on one Unix socket, runs Envoy.
         --join-token-file POD/join-token --bundle-file STATE/ca/root.pem \\
         --data-dir POD/agent --sds-socket POD/sds.sock --status-file POD/status.json \\
         [--envoy-config POD/envoy.yaml --envoy-bin .venv/bin/envoy \\
-         --envoy-admin 127.0.0.1:9901 --envoy-log POD/envoy.log] [--app-health 127.0.0.1:50051]
+         --envoy-admin 127.0.0.1:9901 --envoy-log POD/envoy.log] [--app-health 127.0.0.1:50051] \\
+        [--policy-file mesh/policy.yaml] [--metrics-listen 127.0.0.1:15090]
 
 Two identities, as with SPIRE:
 - the AGENT SVID (spiffe://<td>/shopmesh/agent/<workload path>) proves which
@@ -33,6 +34,12 @@ Life of an SVID:
   When the CA's signing authority changes, both SVIDs are renewed at once.
 - SIGHUP forces a rotation of the workload SVID now (`shopmesh rotate` sends
   it to the "pid" in the status file).
+- Authorization (--policy-file): the sidecar's RBAC filter is rendered from
+  mesh/policy.yaml for this workload and served over ECDS on the same socket
+  (shopmesh.policyserver); a changed file is picked up within a second, and
+  SIGUSR1 (`shopmesh policy reload`) reloads it at once.
+- Metrics (--metrics-listen): Prometheus /metrics from the status document
+  (pki.metrics; alert rules in mesh/prometheus/alerts.yaml).
 - Agent SVID expired and no token: the agent keeps trying (Join as soon as a
   new token appears at --join-token-file), reports the error in the status
   file, and never serves plaintext: Envoy keeps the expired certificate and
@@ -59,6 +66,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.extension.v3 import config_discovery_pb2_grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -67,6 +75,7 @@ from pki.authority import bundle_fingerprints, fingerprint, pem
 from pki.client import ca_channel
 from pki.envoy import EnvoyOptions, EnvoySupervisor
 from pki.errors import PkiError, RenewalError, SvidError
+from pki.metrics import serve_metrics
 from pki.sds import SecretDiscoveryServicer
 from pki.spiffe_ids import agent_id_for
 from pki.svid import (
@@ -83,6 +92,7 @@ from pki.svid import (
 from pki.workload_api import WorkloadApiServicer
 from pki.workload_api import add_to_server as add_workload_api
 from shopmesh.ca.v1 import ca_pb2, ca_pb2_grpc
+from shopmesh.policyserver import PolicyDiscoveryServicer
 
 log = logging.getLogger("pki.agent")
 
@@ -127,6 +137,8 @@ class AgentConfig:
     app_health: str | None
     backoff_max: timedelta
     log_level: str
+    policy_file: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -145,8 +157,13 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--envoy-log", type=Path, help="file for Envoy's stdout and stderr")
     p.add_argument("--app-health", type=flags.loopback_host_port, help="app's grpc.health.v1 address, 127.0.0.1:PORT")
     p.add_argument("--backoff-max", type=flags.duration, default="5s", help="longest wait between failed renewals (default 5s)")
+    p.add_argument("--policy-file", type=Path,
+                   help="authorization policy (mesh/policy.yaml): served to Envoy over ECDS, reloaded when it changes or on SIGUSR1")
+    p.add_argument("--metrics-listen", type=flags.host_port, help="serve Prometheus /metrics on HOST:PORT")
     p.add_argument("--log-level", choices=flags.LOG_LEVELS, default="info")
     a = p.parse_args(argv)
+    if a.policy_file is not None and not a.policy_file.is_file():
+        p.error(f"argument --policy-file: '{a.policy_file}' is not a file")
 
     try:
         load_bundle(a.bundle_file.read_bytes(), str(a.bundle_file))
@@ -189,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         app_health=flags.format_host_port(a.app_health) if a.app_health else None,
         backoff_max=a.backoff_max,
         log_level=a.log_level,
+        policy_file=a.policy_file.resolve() if a.policy_file else None,
+        metrics_listen=a.metrics_listen,
     )
 
 
@@ -205,6 +224,16 @@ class Agent:
         self.sds = SecretDiscoveryServicer()
         self.workload_api = WorkloadApiServicer(self.trust_domain)
         self.envoy = EnvoySupervisor(config.envoy, config.data_dir) if config.envoy else None
+        # The sidecar's RBAC, rendered from the policy for this workload (the
+        # last segment of its SPIFFE ID, e.g. .../sa/payments -> payments).
+        self.policy = (
+            PolicyDiscoveryServicer(config.spiffe_id.rsplit("/", 1)[1], config.policy_file)
+            if config.policy_file else None
+        )
+        self._reload_policy = asyncio.Event()  # SIGUSR1
+        self.ca_reachable: bool | None = None
+        self.issued_at: float | None = None
+        self._last_status: dict[str, Any] = {}
         self.rotations = 0
         self.agent_rotations = 0
         self.renewal_failures = 0
@@ -269,6 +298,8 @@ class Agent:
         await self.workload_api.update(svid, self.bundle_pem)
         now = datetime.now(timezone.utc)
         self.next_rotation_at = rotation_due_at(svid.not_after, now)
+        if how != "resumed":
+            self.issued_at = now.timestamp()
         if previous is not None and how != "resumed":
             self.rotations += 1
         self.last_error = None
@@ -432,6 +463,7 @@ class Agent:
             except (RenewalError, PkiError, OSError) as err:
                 failures += 1
                 self.renewal_failures += 1
+                self.ca_reachable = False
                 self.last_error = str(err)
                 delay = retry_delay(failures, self.config.backoff_max.total_seconds())
                 retry_at = time.time() + delay
@@ -441,6 +473,7 @@ class Agent:
                 failures = 0
                 retry_at = None
                 owe_workload = owe_agent = False
+                self.ca_reachable = True
 
     async def bundle_loop(self) -> None:
         """Keep a WatchBundle stream open to the CA; adopt every bundle and react to a new signing authority."""
@@ -496,7 +529,12 @@ class Agent:
         not_after = svid.not_after.timestamp() if svid else None
         agent_not_after = agent.not_after.timestamp() if agent else None
         svid_valid = not_after is not None and now < not_after
+        policy_ready = self.policy is None or self.policy.version is not None
+        policy_status = self.policy.status if self.policy else {}
         return {
+            **policy_status,
+            "issued_at": self.issued_at,
+            "ca_reachable": self.ca_reachable,
             "spiffe_id": self.config.spiffe_id,
             "serial": serial,
             "issued_serial": svid.serial if svid else None,
@@ -505,7 +543,7 @@ class Agent:
             "svid_authority": svid.authority if svid else None,
             "envoy_live": envoy_live,
             "app_serving": app_serving,
-            "ready": bool(running and svid_valid and envoy_live is not False and app_serving is not False),
+            "ready": bool(running and svid_valid and policy_ready and envoy_live is not False and app_serving is not False),
             "rotations": self.rotations,
             "renewal_failures": self.renewal_failures,
             "last_error": self.last_error,
@@ -544,8 +582,22 @@ class Agent:
     async def status_loop(self) -> None:
         while not self._stop.is_set():
             self._changed.clear()
-            self._write_status(await self.status())
+            self._last_status = await self.status()
+            self._write_status(self._last_status)
             await _wait_any((self._changed, self._stop), STATUS_INTERVAL_S)
+
+    # --- authorization policy --------------------------------------------------
+
+    async def policy_loop(self) -> None:
+        """Reload the policy when its file changes, or at once on SIGUSR1."""
+        assert self.policy is not None
+        while not self._stop.is_set():
+            await _wait_any((self._reload_policy, self._stop), 1.0)
+            forced = self._reload_policy.is_set()
+            self._reload_policy.clear()
+            if forced or self.policy.changed_on_disk():
+                self.policy.reload()
+                self._changed.set()
 
     # --- Envoy --------------------------------------------------------------
 
@@ -591,6 +643,13 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._rotate_now.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._reload_policy.set)
+        if self.policy is not None and not self.policy.reload():
+            # Without a valid policy at start the sidecar denies everything
+            # (its default RBAC config) and the workload is not ready.
+            log.error("starting without an authorization policy: %s", self.policy.last_error)
+        if self.config.metrics_listen is not None:
+            serve_metrics(self.config.metrics_listen, lambda: self._last_status)
 
         await self._resume()
         # One socket, two APIs, as a SPIRE agent serves them: SDS for Envoy,
@@ -598,6 +657,8 @@ class Agent:
         server = grpc.aio.server()
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self.sds, server)
         add_workload_api(self.workload_api, server)
+        if self.policy is not None:
+            config_discovery_pb2_grpc.add_ExtensionConfigDiscoveryServiceServicer_to_server(self.policy, server)
         socket_path = self.config.sds_socket
         socket_path.unlink(missing_ok=True)  # a stale socket from a killed agent
         try:
@@ -628,6 +689,8 @@ class Agent:
         ]
         if self.envoy is not None:
             tasks.append(asyncio.create_task(self.envoy_loop(adopted), name="envoy"))
+        if self.policy is not None:
+            tasks.append(asyncio.create_task(self.policy_loop(), name="policy"))
         stop_wait = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t is not stop_wait and t.exception() is not None]

@@ -5,6 +5,7 @@
     shopmesh demo [--json] [--card NUMBER]                tokenize a card, place an order
     shopmesh status [--json]                              identities, serials, expiry, readiness
     shopmesh rotate WORKLOAD                              force a certificate rotation now
+    shopmesh policy reload|show [WORKLOAD …]              apply mesh/policy.yaml to every sidecar now
     shopmesh envoy WORKLOAD [PATH]                        read a sidecar's Envoy admin (e.g. /stats)
     shopmesh traces [TRACE_ID]                            recent traces, or one as a tree
     shopmesh ca rotate [--step prepare|activate|retire]   rotate the CA without downtime
@@ -19,20 +20,20 @@ import logging
 import os
 import signal
 import sys
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from opentelemetry.trace import StatusCode
 
 from pki.durations import parse_duration
 from pki.errors import DurationError
 from services.payments import admin as payments_admin
 from services.payments.cards import brand_of
-from shopmesh import ca_admin, runner, telemetry, topology, traces
+from shopmesh import ca_admin, policy, runner, telemetry, topology, traces
 from shopmesh.orders.v1 import orders_pb2, orders_pb2_grpc
 from shopmesh.payments.v1 import payments_pb2, payments_pb2_grpc
 from shopmesh.search.v1 import search_pb2, search_pb2_grpc
@@ -65,9 +66,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"shopmesh up: {exc}", file=sys.stderr)
         return 2
     print(f"starting the mesh (state in {state_dir}, certificate TTL {args.ttl}) …", flush=True)
-    record = runner.up(state_dir, ttl_s, ingress_port=args.ingress_port, network=args.network,
-                       extra_app_env={"payments": payments_env}, ca_args=ca_args)
-    _print_status(runner.workload_status(record))
+    try:
+        record = runner.up(state_dir, ttl_s, ingress_port=args.ingress_port, network=args.network,
+                           extra_app_env={"payments": payments_env}, ca_args=ca_args,
+                           policy_file=Path(args.policy) if args.policy else None)
+    except policy.PolicyError as exc:
+        print(f"shopmesh up: {exc}", file=sys.stderr)
+        return 2
+    _print_status(runner.workload_status(record), record.ttl_s)
     print(f"\ningress: {record.external} (gRPC, plaintext on loopback); logs: {state_dir / 'logs'}")
     if args.detach:
         return 0
@@ -96,17 +102,44 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(entries: list[dict[str, Any]]) -> None:
+_RED, _YELLOW, _RESET = "\033[31m", "\033[33m", "\033[0m"
+
+
+def _colour(text: str, colour: str | None) -> str:
+    # Colour only for a person at a terminal; NO_COLOR (no-color.org) turns it off.
+    if colour is None or not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    return f"{colour}{text}{_RESET}"
+
+
+def _expiry_colour(expires_in_s: float | None, ttl_s: float) -> str | None:
+    """Red once expired; yellow once less than a quarter of the TTL is left,
+    which means a renewal due at half the TTL is overdue."""
+    if expires_in_s is None:
+        return None
+    if expires_in_s <= 0:
+        return _RED
+    return _YELLOW if expires_in_s < ttl_s / 4 else None
+
+
+def _print_status(entries: list[dict[str, Any]], ttl_s: float) -> None:
     header = ("NAME", "SPIFFE ID", "SERIAL", "EXPIRES IN", "ADDRESS", "READY")
     rows = []
+    colours = []
     for e in entries:
-        expires = "-" if e["expires_in_s"] is None else f"{e['expires_in_s']:.0f}s"
+        left = e["expires_in_s"]
+        expires = "-" if left is None else ("expired" if left <= 0 else f"{left:.0f}s")
         address = e["inbound"] or f"{e.get('external')} (external)"
         serial = (e["serial"] or "-")[:16]
         rows.append((e["name"], e["spiffe_id"], serial, expires, address, "yes" if e["ready"] else "NO"))
+        colours.append((_expiry_colour(left, ttl_s), None if e["ready"] else _RED))
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip())
+    for row, (expiry_colour, ready_colour) in zip(rows, colours):
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)]
+        cells[3] = _colour(cells[3], expiry_colour)
+        cells[5] = _colour(cells[5], ready_colour)
+        print("  ".join(cells).rstrip())
     for e in entries:
         if e.get("last_error"):
             print(f"{e['name']}: {e['last_error']}")
@@ -118,8 +151,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2))
     else:
-        _print_status(entries)
+        _print_status(entries, record.ttl_s)
     return 0 if all(e["ready"] for e in entries) else 1
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    if args.action == "show":
+        from google.protobuf import json_format
+
+        from shopmesh.policyserver import rbac_resource
+
+        unknown = [w for w in args.workloads if w not in topology.GRPC_SERVICES]
+        if unknown:
+            print(f"shopmesh policy show: no sidecar enforces a policy for {', '.join(unknown)} "
+                  f"(choose from {', '.join(topology.GRPC_SERVICES)})", file=sys.stderr)
+            return 2
+        rules = policy.load_policy(Path(record.policy_file))
+        for name in args.workloads or list(topology.GRPC_SERVICES):
+            rbac = json_format.MessageToDict(rbac_resource(name, rules).typed_config)
+            print(f"# {name}: RBAC its sidecar enforces (from {record.policy_file})")
+            print(yaml.safe_dump(rbac, sort_keys=False))
+        return 0
+    try:
+        before = {e["name"]: runner.agent_status(record, e["name"]).get("policy_version") for e in runner.workload_status(record)}
+        signalled = runner.reload_policy(record)
+    except policy.PolicyError as exc:
+        print(f"shopmesh policy reload: {exc}; the sidecars keep the policy they have", file=sys.stderr)
+        return 2
+
+    def applied() -> bool:
+        for name in signalled:
+            doc = runner.agent_status(record, name)
+            if doc.get("policy_error") or not doc.get("policy_version") or doc.get("policy_acked") != doc.get("policy_version"):
+                return False
+        return True
+
+    runner.wait_for(applied, 30, "every sidecar to apply the policy")
+    for name in signalled:
+        version = runner.agent_status(record, name)["policy_version"]
+        note = "unchanged" if version == before.get(name) else "applied"
+        print(f"{name}: policy {version} {note}")
+    return 0
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
@@ -249,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--detach", action="store_true", help="return once healthy, leave the mesh running")
     p.add_argument("--ttl", default=DEFAULT_TTL, help="certificate lifetime, e.g. 10s, 5m (default: %(default)s)")
     p.add_argument("--ingress-port", type=int, default=topology.INGRESS_PORT, help="client-facing port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--policy", help=f"authorization policy file (default: {policy.DEFAULT_POLICY_PATH}); sidecars reload it when it changes")
     p.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto",
                    help="pod isolation: a network namespace per pod (needs root) or shared loopback (default: auto)")
     payments_admin.add_kms_options(p)
@@ -268,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "each workload's identity, certificate and readiness")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = add("policy", "the authorization policy: reload it into every sidecar, or show the RBAC each enforces")
+    p.add_argument("action", choices=("reload", "show"))
+    p.add_argument("workloads", nargs="*", help=f"with show: which of {', '.join(topology.GRPC_SERVICES)} (default: all)")
+    p.set_defaults(func=cmd_policy)
 
     p = add("rotate", "force a certificate rotation now and wait for the new serial")
     p.add_argument("workload", choices=list(topology.WORKLOADS))

@@ -84,13 +84,6 @@ class PolicyDiscoveryServicer(config_discovery_pb2_grpc.ExtensionConfigDiscovery
         except OSError:
             return self._mtime is not None
 
-    async def watch(self, interval_s: float = 1.0) -> None:
-        """Reload whenever the policy file's modification time changes."""
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.changed_on_disk():
-                self.reload()
-
     @property
     def status(self) -> dict[str, Any]:
         return {"policy_version": self.version, "policy_acked": self.acked_version, "policy_error": self.last_error}

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from pki import tokens as join_tokens
-from shopmesh import envoyconfig, netns, telemetry, topology
+from shopmesh import envoyconfig, netns, policy, telemetry, topology
 
 log = logging.getLogger("shopmesh.runner")
 
@@ -59,6 +59,8 @@ class PodRecord:
     app_argv: list[str] = field(default_factory=list)
     app_env: dict[str, str] = field(default_factory=dict)
     agent_argv: list[str] = field(default_factory=list)
+    # The agent's Prometheus /metrics, on the pod's own 127.0.0.1.
+    metrics_port: int | None = None
 
     @property
     def inbound(self) -> str | None:
@@ -93,6 +95,8 @@ class MeshRecord:
     # Extra CA server flags from `shopmesh up` (the CA backend: --ca acm-pca
     # --pca-arn …, see pki.ca_server); AWS settings reach it by environment.
     ca_args: list[str] = field(default_factory=list)
+    # The authorization policy every sidecar agent serves (and watches).
+    policy_file: str = str(policy.DEFAULT_POLICY_PATH)
 
     def save(self) -> None:
         path = Path(self.state_dir) / "mesh.json"
@@ -264,7 +268,7 @@ def plan(state_dir: Path, ttl_s: float, ingress_port: int, network: str) -> Mesh
             record.pods[name] = PodRecord(
                 name=name, spiffe_id=workload.spiffe_id, dir=str(pod_dir), netns=None,
                 host="127.0.0.1", inbound_port=None, app_port=None,
-                admin_port=_free_port(), outbound_ports={},
+                admin_port=_free_port(), outbound_ports={}, metrics_port=_free_port(),
             )
         elif mode == "netns":
             pod_net = record.network
@@ -273,14 +277,14 @@ def plan(state_dir: Path, ttl_s: float, ingress_port: int, network: str) -> Mesh
                 name=name, spiffe_id=workload.spiffe_id, dir=str(pod_dir),
                 netns=pod_net.netns(name), host=pod_net.pod_ip(index),
                 inbound_port=topology.INBOUND_PORT, app_port=topology.APP_PORT,
-                admin_port=topology.ADMIN_PORT,
+                admin_port=topology.ADMIN_PORT, metrics_port=topology.METRICS_PORT,
                 outbound_ports={u: topology.OUTBOUND_PORTS[u] for u in workload.upstreams},
             )
         else:
             record.pods[name] = PodRecord(
                 name=name, spiffe_id=workload.spiffe_id, dir=str(pod_dir), netns=None,
                 host="127.0.0.1", inbound_port=_free_port(), app_port=_free_port(),
-                admin_port=_free_port(),
+                admin_port=_free_port(), metrics_port=_free_port(),
                 outbound_ports={u: _free_port() for u in workload.upstreams},
             )
     return record
@@ -405,6 +409,10 @@ def _start_pod(record: MeshRecord, state_dir: Path, pod: PodRecord, addresses: d
     ]
     if pod.app_port is not None:
         argv += ["--app-health", f"127.0.0.1:{pod.app_port}"]
+    if not topology.WORKLOADS[pod.name].is_gateway:
+        argv += ["--policy-file", record.policy_file]
+    if pod.metrics_port:
+        argv += ["--metrics-listen", f"127.0.0.1:{pod.metrics_port}"]
     pod.agent_argv = argv
     pod.agent_pid = _spawn(state_dir, f"{pod.name}.agent", argv)
     record.save()
@@ -414,6 +422,7 @@ def up(
     state_dir: Path, ttl_s: float, ingress_port: int = topology.INGRESS_PORT, network: str = "auto",
     extra_app_env: dict[str, dict[str, str]] | None = None,
     ca_args: list[str] | None = None,
+    policy_file: Path | None = None,
 ) -> MeshRecord:
     """Start the whole mesh and return once every workload is ready.
 
@@ -427,6 +436,9 @@ def up(
             raise RunnerError(f"a mesh is already running from {state_dir}; stop it with `shopmesh down --state-dir {state_dir}`")
         teardown(existing)
     record = plan(state_dir, ttl_s, ingress_port, network)
+    if policy_file is not None:
+        policy.load_policy(policy_file)  # a bad policy stops `up` here, naming the mistake
+        record.policy_file = str(policy_file.resolve())
     record.extra_app_env = {name: dict(env) for name, env in (extra_app_env or {}).items()}
     record.ca_args = list(ca_args or [])
     record.save()
@@ -479,6 +491,14 @@ def wait_ready(record: MeshRecord, timeout_s: float) -> None:
 
 
 # -- status -------------------------------------------------------------------
+
+
+def agent_status(record: MeshRecord, pod: str) -> dict[str, Any]:
+    """A workload agent's own status document ({} if it has written none yet)."""
+    try:
+        return dict(json.loads(record.pods[pod].status_file.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def workload_status(record: MeshRecord) -> list[dict[str, Any]]:
@@ -623,6 +643,21 @@ def restart_agent(record: MeshRecord, pod: str, *, kill: bool = True) -> int:
     agent.agent_pid = _spawn(Path(record.state_dir), f"{pod}.agent", agent.agent_argv)
     record.save()
     return agent.agent_pid
+
+
+def reload_policy(record: MeshRecord) -> list[str]:
+    """Check the policy file, then tell every sidecar agent to serve it now
+    (SIGUSR1); return the workloads signalled. A bad file raises PolicyError
+    and nothing is signalled: the sidecars keep the policy they have."""
+    policy.load_policy(Path(record.policy_file))
+    signalled = []
+    for name, pod in record.pods.items():
+        if topology.WORKLOADS[name].is_gateway or not _alive(pod.agent_pid):
+            continue
+        assert pod.agent_pid is not None
+        os.kill(pod.agent_pid, signal.SIGUSR1)
+        signalled.append(name)
+    return signalled
 
 
 def request_rotation(record: MeshRecord, pod: str) -> None:

@@ -149,6 +149,12 @@ class Mesh:
         return runner.MeshRecord.load(self.state_dir)
 
     @property
+    def policy_file(self) -> Path:
+        """The authorization policy file the sidecars serve and watch. With
+        the `own_policy` parameter it is this mesh's own copy, to edit."""
+        return Path(self.record.policy_file)
+
+    @property
     def ingress(self) -> str:
         """host:port of the ingress gateway (plaintext gRPC on loopback)."""
         return self.record.external
@@ -467,14 +473,22 @@ def mesh(request: pytest.FixtureRequest, _shopmesh_instances: dict[str, Mesh],
     ttl = str(params.pop("ttl", request.config.getini("shopmesh_ttl")))
     network = str(params.pop("network", request.config.getini("shopmesh_network")))
     extra = list(params.pop("up_args", []))
+    own_policy = bool(params.pop("own_policy", False))
     if params:
-        raise pytest.UsageError(f"unknown mesh parameters {sorted(params)}: use ttl, network, up_args")
-    key = json.dumps([ttl, network, extra])
+        raise pytest.UsageError(f"unknown mesh parameters {sorted(params)}: use ttl, network, up_args, own_policy")
+    key = json.dumps([ttl, network, extra, own_policy])
     if key not in _shopmesh_instances:
         # One mesh at a time keeps a small machine honest: stop the others.
         for other in list(_shopmesh_instances):
             stop_mesh(_shopmesh_instances.pop(other))
         state_dir = tmp_path_factory.mktemp("shopmesh")
+        if own_policy:
+            import shutil
+
+            from shopmesh.policy import DEFAULT_POLICY_PATH
+
+            shutil.copy(DEFAULT_POLICY_PATH, state_dir / "policy.yaml")
+            extra = [*extra, "--policy", str(state_dir / "policy.yaml")]
         try:
             _shopmesh_instances[key] = start_mesh(state_dir, ttl, network, extra)
         except RuntimeError as exc:

@@ -16,6 +16,7 @@ NAMESPACE = "shop"
 APP_PORT = 50051  # the app, on 127.0.0.1 only
 INBOUND_PORT = 8443  # the sidecar's mTLS listener: the pod's only door
 ADMIN_PORT = 9901  # Envoy admin, on 127.0.0.1 only
+METRICS_PORT = 15090  # the agent's Prometheus /metrics, on 127.0.0.1 only
 # Outbound listeners on 127.0.0.1, one per upstream service: the app dials
 # these in plaintext and its sidecar originates mTLS to the upstream pod.
 OUTBOUND_PORTS = {"orders": 9101, "search": 9102, "payments": 9103}
