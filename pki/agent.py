@@ -99,6 +99,8 @@ log = logging.getLogger("pki.agent")
 # ACM PCA direct mode waits for issuance inside the CA's answer (pki.backends.acm_pca.WAITER).
 CA_CALL_TIMEOUT_S = 10.0
 BACKOFF_MIN_S = 0.5
+# Never retry sooner than this, however close expiry is (the CA gets no storm).
+MIN_RETRY_S = 0.2
 JITTER = 0.10  # ±10 % of the rotation interval
 STATUS_INTERVAL_S = 1.0
 APP_HEALTH_TIMEOUT_S = 0.5
@@ -117,10 +119,21 @@ def rotation_due_at(not_after: datetime, now: datetime, rng: random.Random | Non
     return now + timedelta(seconds=interval + jitter)
 
 
-def retry_delay(failures: int, cap_s: float, rng: random.Random | None = None) -> float:
-    """Capped exponential back-off with jitter: ~0.5 s, 1 s, 2 s … up to cap_s."""
+def retry_delay(
+    failures: int, cap_s: float, rng: random.Random | None = None, time_left_s: float | None = None
+) -> float:
+    """Capped exponential back-off with jitter: ~0.5 s, 1 s, 2 s … up to cap_s.
+
+    With `time_left_s` (until the certificate being renewed expires), never
+    wait more than a third of it: retries get denser as expiry nears, so a
+    CA that comes back before the certificate expires is reached in time and
+    a short outage stays invisible. Past expiry the back-off applies as is.
+    """
     base = min(cap_s, BACKOFF_MIN_S * 2 ** max(failures - 1, 0))
-    return base * (rng or random).uniform(0.5, 1.0)
+    delay = base * (rng or random).uniform(0.5, 1.0)
+    if time_left_s is not None and time_left_s > 0:
+        delay = min(delay, max(MIN_RETRY_S, time_left_s / 3))
+    return delay
 
 
 @dataclass(frozen=True)
@@ -424,6 +437,11 @@ class Agent:
         except SvidError as err:
             raise RenewalError(str(err)) from err
 
+    def _time_left(self) -> float | None:
+        """Seconds until the earlier of the two SVIDs expires (None without any)."""
+        left = [(s.not_after - datetime.now(timezone.utc)).total_seconds() for s in (self.svid, self.agent_svid) if s]
+        return min(left) if left else None
+
     def _due(self) -> tuple[bool, bool, float]:
         """(workload due, agent due, seconds until the earlier of the two)."""
         now = datetime.now(timezone.utc)
@@ -465,7 +483,7 @@ class Agent:
                 self.renewal_failures += 1
                 self.ca_reachable = False
                 self.last_error = str(err)
-                delay = retry_delay(failures, self.config.backoff_max.total_seconds())
+                delay = retry_delay(failures, self.config.backoff_max.total_seconds(), time_left_s=self._time_left())
                 retry_at = time.time() + delay
                 self._changed.set()
                 log.warning("SVID renewal failed (%d in a row), retrying in %.1fs: %s", failures, delay, err)

@@ -192,6 +192,7 @@ class CertificateAuthority:
         self.state: BackendState = backend.state()
         self._changed = asyncio.Condition()
         self._generation = 0
+        self._closing = False
 
     @property
     def bundle_pem(self) -> str:
@@ -246,10 +247,18 @@ class CertificateAuthority:
             self._generation += 1
             self._changed.notify_all()
 
-    async def wait_changed(self, seen: int) -> int:
+    async def wait_changed(self, seen: int) -> int | None:
+        """The new generation once the bundle changed; None when the server is closing."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._generation != seen)
-            return self._generation
+            await self._changed.wait_for(lambda: self._generation != seen or self._closing)
+            return None if self._closing else self._generation
+
+    async def close(self) -> None:
+        """End every WatchBundle stream, so that stopping does not wait out the
+        grace period on them (agents reconnect to the next CA server)."""
+        async with self._changed:
+            self._closing = True
+            self._changed.notify_all()
 
     async def maintain_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -387,10 +396,12 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
     async def WatchBundle(
         self, request: ca_pb2.GetBundleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ca_pb2.GetBundleResponse]:
-        seen = self._ca.generation
+        seen: int | None = self._ca.generation
         yield self._bundle_response()
         while True:
             seen = await self._ca.wait_changed(seen)
+            if seen is None:
+                return
             yield self._bundle_response()
 
     async def _issue(
@@ -616,6 +627,7 @@ async def serve(config: Config) -> int:
     await stop.wait()
     log.info("stopping: health NOT_SERVING, %gs grace for in-flight calls", SHUTDOWN_GRACE_S)
     await health_servicer.enter_graceful_shutdown()
+    await ca.close()
     await asyncio.gather(*(s.stop(SHUTDOWN_GRACE_S) for s in servers))
     await upkeep
     admin_path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pki import db
-from pki.agent import rotation_due_at, retry_delay
+from pki.agent import MIN_RETRY_S, retry_delay, rotation_due_at
 from pki.authority import AuthorityStore, self_signed_root
 from pki.ca import LocalCA
 from pki.spiffe_ids import agent_id_for
@@ -86,6 +86,17 @@ def test_retry_back_off_grows_and_is_capped() -> None:
     assert all(0 < d <= 5.0 for d in delays)
     assert delays[0] <= 0.5
     assert max(delays[-4:]) > 2.0
+
+
+def test_retries_get_denser_as_expiry_nears() -> None:
+    """A CA back before the certificate expires is retried in time: never wait
+    more than a third of the time left (but never less than MIN_RETRY_S)."""
+    rng = random.Random(3)
+    assert retry_delay(10, cap_s=5.0, rng=rng, time_left_s=3.0) <= 1.0
+    assert retry_delay(10, cap_s=5.0, rng=rng, time_left_s=0.1) == MIN_RETRY_S
+    # Far from expiry, or already past it, the back-off is unchanged.
+    assert retry_delay(10, cap_s=5.0, rng=random.Random(3), time_left_s=3600) == retry_delay(10, cap_s=5.0, rng=random.Random(3))
+    assert retry_delay(10, cap_s=5.0, rng=random.Random(3), time_left_s=-5) == retry_delay(10, cap_s=5.0, rng=random.Random(3))
 
 
 # --- bootstrap and rotation -------------------------------------------------
