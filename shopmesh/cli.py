@@ -6,6 +6,7 @@
     shopmesh status [--json]                              identities, serials, expiry, readiness
     shopmesh rotate WORKLOAD                              force a certificate rotation now
     shopmesh policy reload|show [WORKLOAD …]              apply mesh/policy.yaml to every sidecar now
+    shopmesh metrics WORKLOAD                             the agent's Prometheus metrics
     shopmesh envoy WORKLOAD [PATH]                        read a sidecar's Envoy admin (e.g. /stats)
     shopmesh traces [TRACE_ID]                            recent traces, or one as a tree
     shopmesh ca rotate [--step prepare|activate|retire]   rotate the CA without downtime
@@ -224,6 +225,12 @@ def cmd_envoy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    record = runner.MeshRecord.load(_state_dir(args))
+    sys.stdout.write(runner.agent_metrics(record, args.workload))
+    return 0
+
+
 def cmd_traces(args: argparse.Namespace) -> int:
     return traces.run(_state_dir(args), args)
 
@@ -342,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "each workload's identity, certificate and readiness")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = add("metrics", "a workload agent's Prometheus metrics (certificate expiry, renewals, CA reachability)")
+    p.add_argument("workload", choices=list(topology.WORKLOADS))
+    p.set_defaults(func=cmd_metrics)
 
     p = add("policy", "the authorization policy: reload it into every sidecar, or show the RBAC each enforces")
     p.add_argument("action", choices=("reload", "show"))

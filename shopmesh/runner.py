@@ -601,7 +601,18 @@ def down(state_dir: Path) -> None:
 def envoy_admin(record: MeshRecord, pod: str, path: str, timeout_s: float = 5.0) -> str:
     """GET `path` from a workload's Envoy admin, which listens on the pod's own
     127.0.0.1: run the request inside the pod's network namespace."""
-    port = record.pods[pod].admin_port
+    return _get_in_pod(record, pod, record.pods[pod].admin_port, path, timeout_s)
+
+
+def agent_metrics(record: MeshRecord, pod: str, timeout_s: float = 5.0) -> str:
+    """A workload agent's Prometheus /metrics (on the pod's own 127.0.0.1)."""
+    port = record.pods[pod].metrics_port
+    if not port:
+        raise RunnerError(f"the {pod} agent serves no metrics")
+    return _get_in_pod(record, pod, port, "/metrics", timeout_s)
+
+
+def _get_in_pod(record: MeshRecord, pod: str, port: int, path: str, timeout_s: float) -> str:
     code = (
         "import sys, urllib.request;"
         f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}' + sys.argv[1], timeout={timeout_s}).read().decode())"
@@ -611,7 +622,7 @@ def envoy_admin(record: MeshRecord, pod: str, path: str, timeout_s: float = 5.0)
         capture_output=True, text=True, timeout=timeout_s + 10,
     )
     if proc.returncode != 0:
-        raise RunnerError(f"Envoy admin of {pod} ({path}): {proc.stderr.strip().splitlines()[-1:]}")
+        raise RunnerError(f"GET 127.0.0.1:{port}{path} in the {pod} pod: {proc.stderr.strip().splitlines()[-1:]}")
     return proc.stdout
 
 

@@ -182,6 +182,13 @@ class Mesh:
     def stats(self, workload: str) -> dict[str, int]:
         return runner.envoy_stats(self.record, workload)
 
+    def metrics(self, workload: str) -> dict[str, float]:
+        """The workload agent's Prometheus metrics, as {name: value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = runner.agent_metrics(self.record, workload)
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
     def log(self, name: str) -> str:
         """A process log: `ca`, `<workload>.app`, `<workload>.agent`, `<workload>.envoy`."""
         return (self.state_dir / "logs" / f"{name}.log").read_text(errors="replace")

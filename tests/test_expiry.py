@@ -39,6 +39,11 @@ def test_a_ca_outage_past_expiry_fails_closed_and_recovers_by_itself(mesh) -> No
     assert sorted(rows) == sorted(status) and all(" expired " in row for row in rows.values()), printed.stdout
     for workload in MESH_PODS:
         assert mesh.agent_status(workload)["renewal_failures"] > 0
+        metrics = mesh.metrics(workload)
+        assert metrics["shopmesh_agent_svid_expires_in_seconds"] <= 0
+        assert metrics["shopmesh_agent_ca_reachable"] == 0
+        assert metrics["shopmesh_agent_svid_renewal_failures_total"] > 0
+        assert metrics["shopmesh_agent_ready"] == 0
 
     # Fails closed: nothing gets through the mesh, and plaintext is still refused.
     def only_failures() -> bool:
@@ -57,6 +62,8 @@ def test_a_ca_outage_past_expiry_fails_closed_and_recovers_by_itself(mesh) -> No
     with mesh.traffic(rate=5, kind="orders") as report:
         mesh.wait(2)
     assert report.total > 0 and report.failures == {}, report.failure_samples
+    assert mesh.metrics("orders")["shopmesh_agent_ca_reachable"] == 1
+    assert mesh.metrics("orders")["shopmesh_agent_svid_expires_in_seconds"] > 0
     # No process was restarted to get there.
     for workload, (agent_pid, envoy_pid) in pids.items():
         assert mesh.record.pods[workload].agent_pid == agent_pid
