@@ -31,22 +31,14 @@ import contextlib
 import http.client
 import http.server
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shopmesh.awsstub import FAKE_AWS_ENV, MotoServer
+from shopmesh.awsstub import MotoServer, moto_server
 
 SUBORDINATE_PATHLEN0 = "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0/V1"
 API_PASSTHROUGH = "arn:aws:acm-pca:::template/EndEntityCertificate_APIPassthrough/V1"
@@ -174,45 +166,11 @@ def install_templates() -> None:
     responses.ACMPCAResponse.issue_certificate = response_issue  # type: ignore[method-assign]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def pca_moto_server(host: str = "127.0.0.1", log_file: Path | None = None, timeout_s: float = 30) -> Iterator[MotoServer]:
     """Start `python -m pki.testing_moto` (moto with the PCA templates); stop it by pid on exit."""
-    port = _free_port("127.0.0.1" if host == "0.0.0.0" else host)
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pki.testing_moto", "-H", host, "-p", str(port)],
-        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **FAKE_AWS_ENV},
-    )  # fmt: skip
-    server = MotoServer(proc.pid, host, port)
-    try:
-        deadline = time.monotonic() + timeout_s
-        probe = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/moto-api/"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pki.testing_moto exited with {proc.returncode} before answering on {probe}")
-            try:
-                urllib.request.urlopen(probe, timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"pki.testing_moto did not answer on {probe} within {timeout_s:.0f}s") from None
-                time.sleep(0.1)  # polling interval, bounded by the deadline
+    with moto_server(host, log_file, timeout_s, module="pki.testing_moto") as server:
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log_file:
-            out.close()  # type: ignore[union-attr]
 
 
 @dataclass

@@ -53,13 +53,17 @@ def _free_port(host: str) -> int:
 
 
 @contextmanager
-def moto_server(host: str = "127.0.0.1", log_file: Path | None = None, timeout_s: float = 30) -> Iterator[MotoServer]:
+def moto_server(
+    host: str = "127.0.0.1", log_file: Path | None = None, timeout_s: float = 30, module: str = "moto.server",
+) -> Iterator[MotoServer]:
     """Start `moto_server` on host (0.0.0.0 when pods in other network
-    namespaces must reach it through their bridge) and stop it on exit."""
+    namespaces must reach it through their bridge) and stop it on exit.
+    `module` runs another moto entry point with the same flags
+    (pki.testing_moto: moto taught the ACM PCA templates AWS documents)."""
     port = _free_port("127.0.0.1" if host == "0.0.0.0" else host)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        [sys.executable, "-m", module, "-H", host, "-p", str(port)],
         stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **FAKE_AWS_ENV},
     )
     server = MotoServer(proc.pid, host, port)
@@ -68,13 +72,13 @@ def moto_server(host: str = "127.0.0.1", log_file: Path | None = None, timeout_s
         probe = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/moto-api/"
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {proc.returncode} before answering on {probe}")
+                raise RuntimeError(f"{module} exited with {proc.returncode} before answering on {probe}")
             try:
                 urllib.request.urlopen(probe, timeout=1).close()
                 break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not answer on {probe} within {timeout_s:.0f}s") from None
+                    raise RuntimeError(f"{module} did not answer on {probe} within {timeout_s:.0f}s") from None
                 time.sleep(0.1)
         yield server
     finally:
