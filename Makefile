@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 STATE ?= .state
 
-.PHONY: setup demo up down status test unit protos system-deps clean
+.PHONY: setup demo up down status test unit compose-test bench protos system-deps clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,19 @@ test: setup system-deps
 
 unit: setup
 	$(BIN)/python -m pytest -m "not mesh"
+
+# The compose suite alone: builds the images (and, without a registry, the
+# local base image, docker/base/build.sh), runs the real compose.yaml under
+# the Docker engine, tears it down. `make test` runs it too when an engine
+# answers; SHOPMESH_REQUIRE_DOCKER=1 makes a missing engine a failure.
+compose-test: setup
+	$(BIN)/python -m pytest tests/compose
+
+# The benchmarks (bench/): what the mesh costs and how it behaves under load.
+# Under 10 minutes on 2 cores; prints the figures, writes bench/results.json
+# and docs/benchmarks.md. Run it on a quiet machine (see the load average it prints).
+bench: setup system-deps
+	$(BIN)/python -m bench
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
