@@ -20,6 +20,11 @@ system-deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# xds-protos and opentelemetry-proto both install opentelemetry/proto/**;
+	@# pip unpacks in no fixed order, and xds-protos' copy is older (no
+	@# InstrumentationScope: OTLP export breaks). Put opentelemetry-proto's back.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+	  "$$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)"
 	touch $@
 
 demo: setup system-deps

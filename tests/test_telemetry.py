@@ -484,3 +484,11 @@ def test_one_order_is_one_trace_across_the_apps(tmp_path: Path) -> None:
         f"order {declined['order_id']} PAYMENT_FAILED" in line and f"trace_id={declined['trace_id']}" in line
         for line in proc.stderr.splitlines()
     ), proc.stderr
+
+
+def test_the_otlp_protos_are_opentelemetry_protos_not_the_older_copy_in_xds_protos() -> None:
+    """xds-protos ships an older opentelemetry/proto tree over the same files;
+    `make setup` reinstalls opentelemetry-proto last so OTLP export works."""
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope"), "run `make setup` (opentelemetry-proto must be installed last)"
