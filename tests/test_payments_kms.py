@@ -1,7 +1,7 @@
 """Payments on AWS KMS, against moto run as a real HTTP server (rows 30–34).
 
 boto3 reaches moto through the standard AWS SDK variables, via a small
-counting proxy (tests/_kms.py) that stands in for CloudTrail: it counts
+counting proxy (shopmesh.awsstub.KmsProxy) that stands in for CloudTrail: it counts
 GenerateDataKey and Decrypt calls, and it can be taken down to make KMS
 unreachable. Nothing patches or stubs boto3.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import grpc
 import pytest
-from _kms import KmsProxy
+from shopmesh.awsstub import KmsProxy
 from _services import channel, expect_status, payments_service, run
 
 from services.payments.admin import AdminError, payments_env_for_up, rewrap

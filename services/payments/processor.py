@@ -21,11 +21,13 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from services.payments.connections import ThreadConnections
 
 LEDGER_NAME = "simulated-processor.db"
 
@@ -59,6 +61,8 @@ class ProcessorLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # One reused connection per thread, writers queued in turn (see connections.py).
+        self._db = ThreadConnections(path, timeout=10.0)
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(
@@ -68,13 +72,8 @@ class ProcessorLedger:
                 " created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
             )
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.connection()
 
     def find(self, idempotency_key: str) -> Authorization | None:
         with self._connect() as conn:
@@ -85,7 +84,7 @@ class ProcessorLedger:
 
     def record(self, idempotency_key: str, card: CardOnFile, amount_minor: int, currency: str, result: Authorization) -> Authorization:
         """Store `result` unless the key has one; return the stored one (the first writer's)."""
-        with self._connect() as conn:
+        with self._db.autocommit_write() as conn:
             conn.execute(
                 "INSERT INTO authorizations (idempotency_key, token, amount_minor, currency, approved, decline_reason) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",

@@ -20,19 +20,21 @@ authorized once, and the charge keeps the id the intent gave it.
 `rewrap_runs` records the progress of `shopmesh payments rewrap`, so an
 interrupted run resumes where it stopped.
 
-Every method opens its own connection: the servicer calls them from worker
-threads (asyncio.to_thread), and SQLite connections are not shared across
-threads. WAL mode lets readers proceed while a writer commits.
+The servicer calls every method from worker threads (asyncio.to_thread), and
+SQLite connections are not shared across threads: each thread keeps its own
+connection, reused from call to call, and writers of this process queue for
+the write lock in turn (connections.ThreadConnections). WAL mode lets readers
+proceed while a writer commits.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.payments.connections import ThreadConnections
 from services.payments.processor import CardOnFile
 
 DB_NAME = "payments.db"
@@ -102,24 +104,6 @@ CREATE TABLE IF NOT EXISTS refunds (
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 """
-
-
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction, taking the write lock up front.
-
-    IMMEDIATE (not DEFERRED) so that a transaction which reads and then
-    writes cannot be overtaken between its read and its write.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    committed = False
-    try:
-        yield
-        conn.execute("COMMIT")
-        committed = True
-    finally:
-        if not committed:
-            conn.execute("ROLLBACK")
 
 
 class RefundRefused(Exception):
@@ -228,9 +212,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS cards_fingerprint ON cards (fingerprint)")
 
 
+def _setup_connection(conn: sqlite3.Connection) -> None:
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
 class PaymentsStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._db = ThreadConnections(path, timeout=BUSY_TIMEOUT_SECONDS, setup=_setup_connection)
         with self._connect() as conn:
             # WAL is persistent in the file: set once, applies to every later connection.
             conn.execute("PRAGMA journal_mode = WAL")
@@ -241,17 +231,9 @@ class PaymentsStore:
     def in_data_dir(cls, data_dir: Path) -> PaymentsStore:
         return cls(data_dir / DB_NAME)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # isolation_level=None: no implicit transactions; we BEGIN explicitly
-        # where several statements must be atomic.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA foreign_keys = ON")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        """This thread's connection, for reads (autocommit, no implicit transactions)."""
+        return self._db.connection()
 
     # --- cards ---------------------------------------------------------------
 
@@ -264,7 +246,7 @@ class PaymentsStore:
         (False: the same card was tokenized first, maybe concurrently; its
         token wins, and the expiry just given replaces the stored one).
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             cursor = conn.execute(
                 "INSERT INTO cards (token, brand, last4, exp_month, exp_year, ciphertext, key_provider, fingerprint) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
@@ -286,7 +268,7 @@ class PaymentsStore:
         return None if row is None else _stored_card(row)
 
     def update_expiry(self, token: str, exp_month: int, exp_year: int) -> None:
-        with self._connect() as conn:
+        with self._db.autocommit_write() as conn:
             conn.execute("UPDATE cards SET exp_month = ?, exp_year = ? WHERE token = ?", (exp_month, exp_year, token))
 
     def get_card(self, token: str) -> StoredCard | None:
@@ -315,7 +297,7 @@ class PaymentsStore:
 
     def insert_wrapped_key(self, name: str, ciphertext: bytes, key_provider: str) -> bytes:
         """Store a wrapped key unless `name` exists; return the stored ciphertext (the first writer's)."""
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             conn.execute(
                 "INSERT INTO wrapped_keys (name, ciphertext, key_provider) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 (name, ciphertext, key_provider),
@@ -329,7 +311,7 @@ class PaymentsStore:
 
     def replace_wrapped_key(self, name: str, old: bytes, new: bytes, key_provider: str) -> bool:
         """Swap a wrapped key's ciphertext if it is still `old`; False if someone changed it meanwhile."""
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             cursor = conn.execute(
                 "UPDATE wrapped_keys SET ciphertext = ?, key_provider = ? WHERE name = ? AND ciphertext = ?",
                 (new, key_provider, name, old),
@@ -344,7 +326,7 @@ class PaymentsStore:
         An unfinished run for another key is closed: its records get the new
         key in the new run anyway.
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             conn.execute(
                 "UPDATE rewrap_runs SET finished_at = 'abandoned' WHERE finished_at IS NULL AND target_key != ?",
                 (target_key,),
@@ -369,7 +351,7 @@ class PaymentsStore:
         it, and the caller reads it again. A fingerprint is filled in only
         where none was stored (cards from before fingerprints existed).
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             cursor = conn.execute(
                 "UPDATE cards SET ciphertext = ?, key_provider = ?, fingerprint = coalesce(fingerprint, ?) "
                 "WHERE token = ? AND ciphertext = ?",
@@ -384,11 +366,11 @@ class PaymentsStore:
 
     def skip_rewrap_card(self, run_id: str, token: str) -> None:
         """Advance the run past a card that no longer exists."""
-        with self._connect() as conn:
+        with self._db.autocommit_write() as conn:
             conn.execute("UPDATE rewrap_runs SET last_token = ? WHERE run_id = ?", (token, run_id))
 
     def finish_rewrap_run(self, run_id: str) -> None:
-        with self._connect() as conn:
+        with self._db.autocommit_write() as conn:
             conn.execute(
                 "UPDATE rewrap_runs SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ?", (run_id,)
             )
@@ -421,7 +403,7 @@ class PaymentsStore:
         crashed process, or a concurrent request in another one); else
         `intent`, now stored.
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             row = conn.execute(
                 f"SELECT {_CHARGE_COLUMNS} FROM charges WHERE idempotency_key = ?", (intent.idempotency_key,)
             ).fetchone()
@@ -445,7 +427,7 @@ class PaymentsStore:
         If another process finished the same key first, its row is the
         charge (the processor answered both with the same authorization).
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             conn.execute(
                 "INSERT INTO charges (charge_id, idempotency_key, token, amount_minor, currency, description, "
                 "status, decline_reason, refunded_minor, brand, last4, processor) "
@@ -472,7 +454,7 @@ class PaymentsStore:
 
     def abandon_charge(self, intent: ChargeIntent) -> None:
         """Drop an intent whose charge certainly did not reach the processor."""
-        with self._connect() as conn:
+        with self._db.autocommit_write() as conn:
             conn.execute(
                 "DELETE FROM charge_intents WHERE idempotency_key = ? AND charge_id = ?",
                 (intent.idempotency_key, intent.charge_id),
@@ -494,7 +476,7 @@ class PaymentsStore:
         Returns the refund (the earlier one for a repeated key) and the charge
         as it stands now.
         """
-        with self._connect() as conn, _immediate(conn):
+        with self._db.write() as conn:
             return self._refund_in_transaction(conn, refund_id, charge_id, amount_minor, idempotency_key)
 
     @staticmethod
